@@ -1,0 +1,109 @@
+"""Runtimes behind one small contract: a batch tensor in, a dict of named output tensors out.
+
+The same classes serve requests in the TorchServe worker and verify graphs at export time, so a graph
+that passed verification is run by exactly the code that serves it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+
+
+class Backend(Protocol):
+    """A loaded graph that maps an input batch to its named outputs."""
+
+    name: str
+    device: torch.device
+
+    def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run one batch ``(N, 3, H, W)`` float32 and return every graph output by name."""
+        ...
+
+
+class OnnxBackend:
+    """ONNX Runtime session; CUDA execution provider on ``cuda:<id>`` when asked and available.
+
+    Outputs come back as CPU tensors sharing memory with ONNX Runtime's numpy arrays (no copy).
+    """
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, output_names: list[str], device: torch.device, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            else:
+                logger.warning(
+                    "a GPU was assigned but onnxruntime has no CUDA provider: running on CPU "
+                    "(install the 'gpu' extra, onnxruntime-gpu)"
+                )
+        self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        self._outputs = list(output_names)
+        on_gpu = self._session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = device if on_gpu else torch.device("cpu")
+
+    def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the session on a CPU copy of ``batch``; outputs are CPU tensors."""
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        results = self._session.run(self._outputs, {INPUT_NAME: array})
+        return {name: torch.from_numpy(value) for name, value in zip(self._outputs, results, strict=True)}
+
+
+class TorchScriptBackend:
+    """A TorchScript module on the given device, run under ``torch.inference_mode``."""
+
+    name = "torchscript"
+
+    def __init__(self, model_path: str | Path, output_names: list[str], device: torch.device) -> None:
+        self.device = device
+        self._module = torch.jit.load(str(model_path), map_location=device).eval()
+        self._outputs = list(output_names)
+
+    def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the module on ``batch`` moved to the backend's device; outputs stay on that device."""
+        with torch.inference_mode():
+            results = self._module(batch.to(self.device, torch.float32, non_blocking=True))
+        if isinstance(results, torch.Tensor):
+            results = (results,)
+        return dict(zip(self._outputs, results, strict=True))
+
+
+def output_names(manifest: Manifest) -> list[str]:
+    """Return the graph outputs in order: the main output, then one per exported layer."""
+    return [manifest.main_output, *(spec.output for spec in manifest.layers)]
+
+
+def load_backend(manifest: Manifest, folder: str | Path, device: torch.device | str = "cpu") -> Backend:
+    """Load the graph a manifest describes.
+
+    Args:
+        manifest: the validated manifest.
+        folder: the folder holding the manifest and the graph file.
+        device: ``cpu`` or ``cuda:<id>`` (the GPU TorchServe assigned to this worker).
+
+    Returns:
+        A backend whose ``run`` returns every output named in :func:`output_names`.
+    """
+    device = torch.device(device)
+    path = Path(folder) / manifest.model_file
+    names = output_names(manifest)
+    if manifest.backend == "onnx":
+        return OnnxBackend(path, names, device)
+    return TorchScriptBackend(path, names, device)

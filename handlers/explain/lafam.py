@@ -1,0 +1,72 @@
+"""LaFAM: Label-free Activation Map.
+
+For activations ``A`` of shape ``(N, C, h, w)`` taken at a convolutional layer::
+
+    M_n = mean_c A[n, c]                              (channel mean, shape h x w)
+    LaFAM_n = (M_n - min M_n) / (max M_n - min M_n)   (min-max scaled to [0, 1])
+
+then upsampled to the input (nearest-neighbour in the paper, bilinear as an option). It needs no label,
+so it explains classifiers and encoders alike, and it costs one reduction over activations the forward
+pass already computed. A constant ``M_n`` (no spatial contrast) maps to all zeros rather than NaN.
+
+Example:
+    >>> acts = torch.zeros(1, 2, 2, 2); acts[0, :, 0, 0] = 4.0
+    >>> lafam(acts)[0]
+    tensor([[1., 0.],
+            [0., 0.]])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_INTERPOLATION = {"nearest": "nearest-exact", "bilinear": "bilinear"}
+
+
+def lafam(activations: torch.Tensor) -> torch.Tensor:
+    """Compute LaFAM maps at the layer's native resolution.
+
+    Args:
+        activations: ``(N, C, h, w)`` activations of one layer, any float dtype, on any device.
+
+    Returns:
+        ``(N, h, w)`` float32 maps on the same device, each min-max scaled to [0, 1].
+
+    Raises:
+        ValueError: ``activations`` is not 4-D.
+    """
+    if activations.dim() != 4:
+        raise ValueError(f"activations must be (N, C, h, w), got shape {tuple(activations.shape)}")
+    return minmax_scale(activations.float().mean(dim=1))
+
+
+def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map of ``(N, h, w)`` to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1)
+    span = flat.amax(dim=1).view(-1, 1, 1) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """Upsample (or downsample) maps ``(N, h, w)`` to ``size = (H, W)``.
+
+    Args:
+        maps: maps in [0, 1].
+        size: target ``(H, W)``.
+        mode: ``nearest`` (exact nearest-neighbour, pixel centres aligned) or ``bilinear``.
+
+    Returns:
+        ``(N, H, W)`` maps, still in [0, 1].
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode not in _INTERPOLATION:
+        raise ValueError(f"mode must be one of {', '.join(_INTERPOLATION)}, got {mode!r}")
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=_INTERPOLATION[mode], **kwargs)
+    return out.squeeze(1).clamp_(0.0, 1.0)

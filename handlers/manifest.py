@@ -1,0 +1,215 @@
+"""The manifest: what ``export`` writes beside a graph and what the handler reads at start-up.
+
+It is the only contract between build time and serve time. It is stored as ``lafam.json`` inside the
+``.mar`` and validated when loaded, so a broken archive fails at worker start with a message that names
+the field, not at the first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "lafam.json"
+
+Task = Literal["classification", "embedding"]
+BackendName = Literal["onnx", "torchscript"]
+TASKS: tuple[str, ...] = ("classification", "embedding")
+BACKENDS: tuple[str, ...] = ("onnx", "torchscript")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed or inconsistent."""
+
+
+def output_name_for(layer: str) -> str:
+    """Return the graph output name of a layer's activations, e.g. ``layer4.1`` -> ``act_layer4_1``."""
+    return "act_" + "".join(ch if ch.isalnum() else "_" for ch in layer)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One exported intermediate activation.
+
+    Attributes:
+        name: module path in the eager model (``layer4``, ``features.7``).
+        output: graph output name carrying its activations (``act_layer4``).
+        shape: ``(C, h, w)`` of the activations at the manifest's input size.
+    """
+
+    name: str
+    output: str
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-model defaults of the request options (see ``handlers.options``)."""
+
+    top_k: int = 5
+    format: str = "png"
+    upsample: str = "nearest"
+    size: str = "input"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the handler needs to serve an exported graph.
+
+    Attributes:
+        name: model name (also the ``model`` label of the metrics).
+        task: ``classification`` (main output are logits) or ``embedding`` (main output is a vector).
+        backend: ``onnx`` or ``torchscript``.
+        model_file: graph file name, relative to the manifest's folder.
+        input_size: ``(H, W)`` the graph expects.
+        mean: per-channel mean of the normalisation, RGB, on [0, 1] pixel values.
+        std: per-channel standard deviation of the normalisation.
+        main_output: graph output name of the logits / embedding.
+        layers: exported activations, the first one is the default explanation layer.
+        labels: class names (classification only; may be empty, then indices are reported as labels).
+        num_outputs: number of classes, or the embedding dimension.
+        defaults: request option defaults.
+        max_pixels: largest decoded image (width x height) accepted.
+        checksums: SHA-256 of the files next to the manifest, by file name.
+        verification: max |eager - exported| per output and the tolerance it was held to.
+        source: provenance (model spec, weights checksum, torch version, opset).
+        schema_version: manifest format version.
+    """
+
+    name: str
+    task: Task
+    backend: BackendName
+    model_file: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    main_output: str
+    layers: tuple[LayerSpec, ...]
+    num_outputs: int
+    labels: tuple[str, ...] = ()
+    defaults: Defaults = field(default_factory=Defaults)
+    max_pixels: int = 40_000_000
+    checksums: dict[str, str] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.schema_version != SCHEMA_VERSION:
+            problems.append(f"schema_version {self.schema_version} (this handler reads {SCHEMA_VERSION})")
+        if self.task not in TASKS:
+            problems.append(f"task {self.task!r} (valid: {', '.join(TASKS)})")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend {self.backend!r} (valid: {', '.join(BACKENDS)})")
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            problems.append(f"input_size {self.input_size!r} (need [H, W], positive)")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            problems.append("mean/std (need 3 values each, std > 0)")
+        if not self.layers:
+            problems.append("layers (need at least one exported activation)")
+        if self.num_outputs < 1:
+            problems.append(f"num_outputs {self.num_outputs}")
+        if self.labels and len(self.labels) != self.num_outputs:
+            problems.append(f"labels ({len(self.labels)} labels for {self.num_outputs} outputs)")
+        if self.task == "embedding" and self.labels:
+            problems.append("labels (an embedding model has no labels)")
+        if problems:
+            raise ManifestError("invalid manifest: " + "; ".join(problems))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Names of the exported layers, default first."""
+        return tuple(spec.name for spec in self.layers)
+
+    def layer(self, name: str | None) -> LayerSpec:
+        """Return the spec of layer ``name`` (the default layer when ``None``)."""
+        if name is None:
+            return self.layers[0]
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def label(self, index: int) -> str:
+        """Return the class name of ``index`` (its decimal string when there are no labels)."""
+        return self.labels[index] if self.labels else str(index)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the manifest as pretty JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Build a manifest from parsed JSON, naming the field that is wrong.
+
+        Raises:
+            ManifestError: when a field is missing, unknown or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ManifestError("invalid manifest: expected a JSON object")
+        try:
+            fields = dict(data)
+            fields["input_size"] = tuple(int(v) for v in fields["input_size"])
+            fields["mean"] = tuple(float(v) for v in fields["mean"])
+            fields["std"] = tuple(float(v) for v in fields["std"])
+            fields["labels"] = tuple(str(v) for v in fields.get("labels", ()))
+            fields["layers"] = tuple(
+                LayerSpec(name=str(s["name"]), output=str(s["output"]), shape=tuple(int(v) for v in s["shape"]))
+                for s in fields["layers"]
+            )
+            fields["defaults"] = Defaults(**fields.get("defaults", {}))
+            return cls(**fields)
+        except ManifestError:
+            raise
+        except KeyError as exc:
+            raise ManifestError(f"invalid manifest: missing field {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"invalid manifest: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path, verify_checksums: bool = True) -> Manifest:
+        """Read ``path`` (a manifest file or the folder holding ``lafam.json``) and validate it.
+
+        Args:
+            path: the manifest file, or its folder.
+            verify_checksums: also check the SHA-256 of every file listed in ``checksums``.
+
+        Raises:
+            ManifestError: when the file is missing or invalid, or a checksum does not match.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ManifestError(f"manifest not found: {path}") from exc
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
+        manifest = cls.from_dict(data)
+        if verify_checksums:
+            for file_name, expected in manifest.checksums.items():
+                target = path.parent / file_name
+                if not target.exists():
+                    raise ManifestError(f"file {file_name} listed in the manifest is missing from {path.parent}")
+                if sha256_file(target) != expected:
+                    raise ManifestError(f"checksum mismatch for {file_name}: the archive is corrupt or was edited")
+        return manifest
