@@ -55,7 +55,8 @@ def explanation_json(
             raise ValueError("a png explanation needs the resized map")
         body["data"] = png_base64(resized)
     else:
-        body["data"] = np.round(native.detach().float().cpu().numpy(), ARRAY_DECIMALS).tolist()
+        # round in float64: rounded float32 values would reach the JSON as e.g. 0.12346000224351883
+        body["data"] = np.round(native.detach().cpu().double().numpy(), ARRAY_DECIMALS).tolist()
     return body
 
 

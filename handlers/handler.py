@@ -7,6 +7,7 @@ their ``--handler``; TorchServe instantiates the single class defined here.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -42,8 +43,8 @@ class LafamHandler:
         self.initialized = True
         logger.info("serving %s (%s) on %s", self.service.manifest.name, self.service.backend.name, device)
 
-    def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[dict[str, Any]] | None:
-        """Answer a batch; each request gets its own status and a JSON body."""
+    def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[str] | None:
+        """Answer a batch; each request gets its own status and a compact JSON body."""
         if data is None:
             return None
         if self.service is None:
@@ -53,7 +54,7 @@ class LafamHandler:
         for index, reply in enumerate(replies):
             context.set_response_status(reply.status, reply.phrase, index)
             context.set_response_content_type(index, "application/json")
-        return [reply.body for reply in replies]
+        return [json.dumps(reply.body, separators=(",", ":")) for reply in replies]
 
     @staticmethod
     def _request(index: int, item: dict[str, Any], context: Any) -> Request:

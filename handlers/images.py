@@ -115,7 +115,7 @@ def to_tensor(
     height, width = input_size
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+    array = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 

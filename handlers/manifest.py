@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,12 +122,16 @@ class Manifest:
             problems.append("mean/std (need 3 values each, std > 0)")
         if not self.layers:
             problems.append("layers (need at least one exported activation)")
-        if self.num_outputs < 1:
-            problems.append(f"num_outputs {self.num_outputs}")
+        if not _is_positive_int(self.num_outputs):
+            problems.append(f"num_outputs {self.num_outputs!r} (need a positive integer)")
         if self.labels and len(self.labels) != self.num_outputs:
             problems.append(f"labels ({len(self.labels)} labels for {self.num_outputs} outputs)")
         if self.task == "embedding" and self.labels:
             problems.append("labels (an embedding model has no labels)")
+        if not _is_positive_int(self.max_pixels):
+            problems.append(f"max_pixels {self.max_pixels!r} (need a positive integer)")
+        if not isinstance(self.checksums, dict):
+            problems.append(f"checksums {self.checksums!r} (need an object {{file name: sha256}})")
         if problems:
             raise ManifestError("invalid manifest: " + "; ".join(problems))
 
@@ -165,24 +170,25 @@ class Manifest:
         """
         if not isinstance(data, dict):
             raise ManifestError("invalid manifest: expected a JSON object")
-        try:
-            fields = dict(data)
-            fields["input_size"] = tuple(int(v) for v in fields["input_size"])
-            fields["mean"] = tuple(float(v) for v in fields["mean"])
-            fields["std"] = tuple(float(v) for v in fields["std"])
-            fields["labels"] = tuple(str(v) for v in fields.get("labels", ()))
-            fields["layers"] = tuple(
-                LayerSpec(name=str(s["name"]), output=str(s["output"]), shape=tuple(int(v) for v in s["shape"]))
-                for s in fields["layers"]
-            )
-            fields["defaults"] = Defaults(**fields.get("defaults", {}))
-            return cls(**fields)
-        except ManifestError:
-            raise
-        except KeyError as exc:
-            raise ManifestError(f"invalid manifest: missing field {exc}") from exc
-        except (TypeError, ValueError) as exc:
-            raise ManifestError(f"invalid manifest: {exc}") from exc
+        known = {spec.name: spec for spec in fields(cls)}
+        required = [name for name, spec in known.items() if spec.default is MISSING and spec.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ManifestError(f"invalid manifest: missing field(s) {', '.join(map(repr, missing))}")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ManifestError(f"invalid manifest: unknown field(s) {', '.join(map(repr, unknown))}")
+        values = dict(data)
+        for name, convert in _CONVERTERS.items():
+            if name not in values:
+                continue
+            try:
+                values[name] = convert(values[name])
+            except KeyError as exc:
+                raise ManifestError(f"invalid manifest: field {name!r}: missing key {exc}") from exc
+            except (TypeError, ValueError) as exc:
+                raise ManifestError(f"invalid manifest: field {name!r}: {exc}") from exc
+        return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path, verify_checksums: bool = True) -> Manifest:
@@ -199,10 +205,10 @@ class Manifest:
         if path.is_dir():
             path = path / MANIFEST_FILE
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ManifestError(f"manifest not found: {path}") from exc
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
         manifest = cls.from_dict(data)
         if verify_checksums:
@@ -213,3 +219,24 @@ class Manifest:
                 if sha256_file(target) != expected:
                     raise ManifestError(f"checksum mismatch for {file_name}: the archive is corrupt or was edited")
         return manifest
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _layers(value: Any) -> tuple[LayerSpec, ...]:
+    return tuple(
+        LayerSpec(name=str(s["name"]), output=str(s["output"]), shape=tuple(int(v) for v in s["shape"])) for s in value
+    )
+
+
+# How each JSON field becomes its dataclass value; a failure is reported with the field's name.
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "input_size": lambda value: tuple(int(v) for v in value),
+    "mean": lambda value: tuple(float(v) for v in value),
+    "std": lambda value: tuple(float(v) for v in value),
+    "labels": lambda value: tuple(str(v) for v in value),
+    "layers": _layers,
+    "defaults": lambda value: Defaults(**value),
+}

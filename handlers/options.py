@@ -23,6 +23,7 @@ SIZE_KEYWORDS: tuple[str, ...] = ("input", "original")
 FORWARD_METHODS: tuple[str, ...] = ("lafam",)
 MAX_MAP_SIDE = 4096
 _SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
+_INT_PATTERN = re.compile(r"^\s*-?[0-9]+\s*$")
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,18 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
 
 
 def _top_k(value: Any, num_outputs: int) -> int:
+    number = value
     if isinstance(value, bool):
-        value = None
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int) or not 1 <= value <= num_outputs:
+        number = None
+    elif isinstance(value, str):
+        number = int(value) if _INT_PATTERN.match(value) else None
+    if not isinstance(number, int) or not 1 <= number <= num_outputs:
         raise InvalidOption(
             f"option 'top_k' must be an integer from 1 to {num_outputs}, got {value!r}",
             option="top_k",
             valid=f"1..{num_outputs}",
         )
-    return value
+    return number
 
 
 def _size(value: Any) -> str | tuple[int, int]:

@@ -24,7 +24,7 @@ import torch
 from . import metrics
 from .backends import Backend, load_backend
 from .encode import explanation_json, predictions_json
-from .errors import EmptyBody, InvalidJSON, ServeError, UnsupportedMediaType, to_response
+from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
 from .explain.lafam import lafam, resize_maps
 from .images import DecodedImage, decode
 from .manifest import Defaults, Manifest
@@ -170,7 +170,10 @@ class LafamService:
         if config:
             max_pixels = int(config.pop("max_pixels", manifest.max_pixels))
             manifest = replace(manifest, max_pixels=max_pixels, defaults=replace(manifest.defaults, **config))
-            parse_options(manifest)  # a bad default fails the worker's start, not every request
+            try:
+                parse_options(manifest)  # a bad default fails the worker's start, not every request
+            except InvalidOption as exc:
+                raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
         return cls(manifest, load_backend(manifest, folder, device))
 
     def predict(self, requests: Sequence[Request]) -> list[Reply]:

@@ -42,11 +42,18 @@ def lafam(activations: torch.Tensor) -> torch.Tensor:
 
 
 def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each map of ``(N, h, w)`` to [0, 1]; a constant map becomes zeros."""
+    """Scale each map of ``(N, h, w)`` to [0, 1] in float32; a constant map becomes zeros.
+
+    Non-finite values (an overflowing fp16 graph) are clamped to float32's range first, so the result is
+    always finite; the scaling runs in float64, where the span of two float32 values cannot overflow.
+    """
+    limit = torch.finfo(torch.float32).max
+    maps = torch.nan_to_num(maps.double(), nan=0.0, posinf=limit, neginf=-limit)
     flat = maps.flatten(1)
     low = flat.amin(dim=1).view(-1, 1, 1)
     span = flat.amax(dim=1).view(-1, 1, 1) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    scaled = torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return scaled.float()
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
@@ -61,10 +68,14 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest"
         ``(N, H, W)`` maps, still in [0, 1].
 
     Raises:
-        ValueError: unknown ``mode``.
+        ValueError: unknown ``mode``, ``maps`` not 3-D, or ``size`` not two positive sides.
     """
     if mode not in _INTERPOLATION:
         raise ValueError(f"mode must be one of {', '.join(_INTERPOLATION)}, got {mode!r}")
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (N, h, w), got shape {tuple(maps.shape)}; add a batch dimension with [None]")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (H, W) with positive sides, got {tuple(size)!r}")
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     kwargs = {"align_corners": False} if mode == "bilinear" else {}

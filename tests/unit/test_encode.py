@@ -1,0 +1,129 @@
+"""Maps and predictions → JSON: exact pixel values, field names, and ordering."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handlers.encode import ARRAY_DECIMALS, explanation_json, png_base64, predictions_json
+
+
+def decode_png(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    assert image.format == "PNG"
+    return image
+
+
+def test_png_is_8_bit_grayscale_with_exact_levels() -> None:
+    image = decode_png(png_base64(torch.tensor([[0.0, 1.0, 0.5], [0.25, 1 / 255, 0.998]])))
+    assert image.mode == "L"
+    assert image.size == (3, 2)  # (W, H): the map's rows are the image's rows
+    # round(v * 255): 0.5 → 127.5 → 128, 0.25 → 63.75 → 64, 0.998 → 254.49 → 254
+    np.testing.assert_array_equal(np.asarray(image), [[0, 255, 128], [64, 1, 254]])
+
+
+def test_png_clamps_out_of_range_values() -> None:
+    image = decode_png(png_base64(torch.tensor([[-0.5, 1.5]])))
+    np.testing.assert_array_equal(np.asarray(image), [[0, 255]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_png_accepts_any_float_dtype(dtype: torch.dtype) -> None:
+    image = decode_png(png_base64(torch.tensor([[0.0, 0.5, 1.0]], dtype=dtype)))
+    np.testing.assert_array_equal(np.asarray(image), [[0, 128, 255]])
+
+
+def test_png_of_a_map_that_requires_grad() -> None:
+    assert decode_png(png_base64(torch.ones(2, 2, requires_grad=True))).getpixel((0, 0)) == 255
+
+
+NATIVE = torch.tensor([[0.0, 0.123456789], [0.5, 1.0]])
+
+
+def test_png_explanation_fields() -> None:
+    resized = NATIVE.repeat_interleave(2, 0).repeat_interleave(3, 1)
+    body = explanation_json(
+        method="lafam", layer="layer4", fmt="png", native=NATIVE, size=(4, 6), upsample="nearest", resized=resized
+    )
+    assert set(body) == {"method", "layer", "format", "size", "native_size", "upsample", "data"}
+    assert body["method"] == "lafam"
+    assert body["layer"] == "layer4"
+    assert body["format"] == "png"
+    assert body["size"] == [4, 6]
+    assert body["native_size"] == [2, 2]
+    assert body["upsample"] == "nearest"
+    pixels = np.asarray(decode_png(body["data"]))
+    assert pixels.shape == (4, 6)
+    np.testing.assert_array_equal(pixels[::2, ::3], [[0, 31], [128, 255]])
+    json.dumps(body)  # serialisable as is
+
+
+def test_array_explanation_is_native_size_rounded() -> None:
+    body = explanation_json(
+        method="lafam", layer="layer4", fmt="array", native=NATIVE, size=(224, 224), upsample="bilinear"
+    )
+    assert body["format"] == "array"
+    assert body["size"] == [224, 224]
+    assert body["native_size"] == [2, 2]
+    assert body["data"] == [[0.0, 0.12346], [0.5, 1.0]]
+    assert all(isinstance(v, float) for row in body["data"] for v in row)
+    assert json.loads(json.dumps(body)) == body
+
+
+def test_array_rounding_is_to_five_decimals() -> None:
+    assert ARRAY_DECIMALS == 5
+    native = torch.tensor([[0.333333, 0.666666], [0.000004, 0.000006]], dtype=torch.float64)
+    body = explanation_json(method="lafam", layer="l", fmt="array", native=native, size=(2, 2), upsample="nearest")
+    assert body["data"] == [[0.33333, 0.66667], [0.0, 0.00001]]
+
+
+def test_non_square_native_size_is_height_width() -> None:
+    body = explanation_json(
+        method="lafam", layer="l", fmt="array", native=torch.zeros(3, 5), size=(30, 50), upsample="nearest"
+    )
+    assert body["native_size"] == [3, 5]
+    assert np.asarray(body["data"]).shape == (3, 5)
+
+
+def test_size_values_are_plain_ints() -> None:
+    body = explanation_json(
+        method="lafam", layer="l", fmt="array", native=NATIVE, size=(np.int64(4), torch.tensor(6)), upsample="nearest"
+    )
+    assert body["size"] == [4, 6]
+    assert all(type(v) is int for v in body["size"])
+
+
+def test_png_without_resized_map_raises() -> None:
+    with pytest.raises(ValueError, match="a png explanation needs the resized map"):
+        explanation_json(method="lafam", layer="l", fmt="png", native=NATIVE, size=(4, 4), upsample="nearest")
+
+
+def test_predictions_most_likely_first_with_labels() -> None:
+    probabilities = torch.tensor([0.1, 0.6, 0.05, 0.25])
+    result = predictions_json(probabilities, 3, ("cat", "dog", "bird", "fish"))
+    assert result == [
+        {"index": 1, "label": "dog", "probability": 0.6},
+        {"index": 3, "label": "fish", "probability": 0.25},
+        {"index": 0, "label": "cat", "probability": 0.1},
+    ]
+
+
+def test_predictions_fall_back_to_the_index_as_label() -> None:
+    result = predictions_json(torch.tensor([0.2, 0.8]), 2, ())
+    assert [(p["index"], p["label"]) for p in result] == [(1, "1"), (0, "0")]
+
+
+def test_predictions_round_to_six_decimals_and_are_plain_types() -> None:
+    result = predictions_json(torch.tensor([1 / 3, 2 / 3], dtype=torch.float64), 2, ())
+    assert [p["probability"] for p in result] == [0.666667, 0.333333]
+    assert all(type(p["index"]) is int and type(p["probability"]) is float for p in result)
+
+
+def test_predictions_top_1() -> None:
+    assert predictions_json(torch.tensor([0.3, 0.7]), 1, ("a", "b")) == [{"index": 1, "label": "b", "probability": 0.7}]

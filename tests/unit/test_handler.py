@@ -1,0 +1,220 @@
+"""The TorchServe entry point, driven as TorchServe drives it: initialize(context), handle(data, context)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handlers import metrics
+from handlers.handler import LafamHandler, select_device
+from handlers.service import LafamService
+
+from .conftest import INPUT, LABELS, FakeContext, TinyNet, image_bytes, write_export
+
+
+def serve(folder: Path, items: list[dict], headers: list[dict] | None = None, **context_kwargs: object):
+    context = FakeContext(str(folder), headers=headers or [{} for _ in items], **context_kwargs)
+    handler = LafamHandler()
+    handler.initialize(context)
+    bodies = handler.handle(items, context)
+    return [json.loads(body) for body in bodies], context
+
+
+def png_item(**kwargs: object) -> dict:
+    return {"body": bytearray(image_bytes(**kwargs))}
+
+
+def decode_png(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def test_prediction_and_lafam_png_from_one_run(tiny_export: Path) -> None:
+    bodies, context = serve(tiny_export, [png_item()])
+    body = bodies[0]
+    assert context.statuses[0][0] == 200
+    assert context.content_types[0] == "application/json"
+    assert body["model"] == "tiny-classification"
+    predictions = body["predictions"]
+    assert len(predictions) == 4  # default top_k 5 capped at 4 classes
+    assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)
+    assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+    assert {p["label"] for p in predictions} == set(LABELS)
+    explanation = body["explanation"]
+    assert explanation["method"] == "lafam"
+    assert explanation["layer"] == "stage2"
+    assert explanation["format"] == "png"
+    assert explanation["size"] == list(INPUT)
+    assert explanation["native_size"] == [8, 10]
+    pixels = decode_png(explanation["data"])
+    assert pixels.shape == INPUT
+    assert pixels.dtype == np.uint8
+    assert pixels.max() == 255  # min-max scaled: the peak is 1.0
+
+
+def test_map_equals_lafam_of_the_eager_model(tiny_export: Path) -> None:
+    """The served array map is the channel mean of the eager model's activations, min-max scaled."""
+    data = image_bytes()
+    bodies, _ = serve(tiny_export, [{"body": data}], [{"X-LaFAM-Format": "array"}])
+    served = np.asarray(bodies[0]["explanation"]["data"])
+    from handlers.images import decode
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    tensor = decode(data, INPUT, (0.5,) * 3, (0.25,) * 3, 10**8).tensor
+    with torch.no_grad():
+        _, acts = model(tensor[None])
+    expected = acts.mean(1)[0]
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    np.testing.assert_allclose(served, expected.numpy(), atol=1e-4)  # 5 decimals in JSON + trace noise
+
+
+def test_batch_with_bad_items_answers_each_alone(tiny_export: Path) -> None:
+    items = [png_item(), {"body": bytearray(b"not an image")}, png_item(fmt="JPEG"), {"body": bytearray()}]
+    headers = [{}, {}, {"x-lafam-top-k": "2"}, {}]
+    bodies, context = serve(tiny_export, items, headers)
+    assert [context.statuses[i][0] for i in range(4)] == [200, 400, 200, 400]
+    assert bodies[1]["error"]["code"] == "invalid_image"
+    assert bodies[3]["error"]["code"] == "empty_body"
+    assert len(bodies[2]["predictions"]) == 2
+    assert context.statuses[1][1] == "Bad Request"
+
+
+def test_json_body_with_options(tiny_export: Path) -> None:
+    encoded = base64.b64encode(image_bytes(size=(30, 20))).decode()
+    item = {"body": {"image": encoded, "options": {"top_k": 1, "size": "original", "upsample": "bilinear"}}}
+    bodies, _ = serve(tiny_export, [item])
+    assert len(bodies[0]["predictions"]) == 1
+    assert bodies[0]["explanation"]["size"] == [20, 30]
+    assert bodies[0]["explanation"]["upsample"] == "bilinear"
+    assert decode_png(bodies[0]["explanation"]["data"]).shape == (20, 30)
+
+
+def test_json_sent_as_bytes_and_data_url(tiny_export: Path) -> None:
+    encoded = "data:image/png;base64," + base64.b64encode(image_bytes()).decode()
+    item = {"body": bytearray(json.dumps({"image": encoded}).encode())}
+    headers = [{"body": {"content-type": "application/json"}}]
+    bodies, context = serve(tiny_export, [item], headers)
+    assert context.statuses[0][0] == 200, bodies
+
+
+def test_multipart_form_with_options_field(tiny_export: Path) -> None:
+    item = {"data": bytearray(image_bytes()), "options": bytearray(b'{"format": "none"}')}
+    headers = [{"data": {"content-type": "image/png"}, "options": {"content-type": "text/plain"}}]
+    bodies, _ = serve(tiny_export, [item], headers)
+    assert bodies[0]["explanation"] is None
+    assert "predictions" in bodies[0]
+
+
+def test_requested_size_and_nearest_blocks(tiny_export: Path) -> None:
+    bodies, _ = serve(tiny_export, [png_item()], [{"X-LaFAM-Size": "16x20"}])
+    pixels = decode_png(bodies[0]["explanation"]["data"])
+    assert pixels.shape == (16, 20)
+    np.testing.assert_array_equal(pixels[0::2], pixels[1::2])  # 8x10 → 16x20 nearest: 2x2 blocks
+    np.testing.assert_array_equal(pixels[:, 0::2], pixels[:, 1::2])
+
+
+@pytest.mark.parametrize(
+    ("item", "headers", "status", "code"),
+    [
+        ({"body": bytearray(b"GIF89a\x01\x00")}, {}, 400, "invalid_image"),
+        ({"body": bytearray(b"{bad json")}, {"body": {"content-type": "application/json"}}, 400, "invalid_json"),
+        ({"body": {"image": "***"}}, {}, 400, "invalid_json"),
+        ({"body": {"img": "x"}}, {}, 400, "invalid_json"),
+        ({"body": bytearray(image_bytes())}, {"X-LaFAM-Colour": "red"}, 400, "invalid_option"),
+        ({"body": bytearray(image_bytes())}, {"X-LaFAM-Top-K": "zero"}, 400, "invalid_option"),
+        ({"body": bytearray(image_bytes())}, {"X-LaFAM-Layer": "stage9"}, 400, "invalid_option"),
+        ({"body": bytearray(image_bytes())}, {"body": {"content-type": "text/csv"}}, 415, "unsupported_media_type"),
+        ({"other": bytearray(b"x")}, {}, 400, "empty_body"),
+    ],
+)
+def test_bad_requests_get_a_named_4xx(tiny_export: Path, item: dict, headers: dict, status: int, code: str) -> None:
+    bodies, context = serve(tiny_export, [item, png_item()], [headers, {}])
+    assert context.statuses[0][0] == status
+    assert bodies[0]["error"]["code"] == code
+    assert bodies[0]["error"]["message"]
+    assert context.statuses[1][0] == 200  # the good neighbour is still answered
+
+
+def test_image_over_the_pixel_limit_is_413(tiny_export: Path) -> None:
+    bodies, context = serve(tiny_export, [png_item(size=(200, 200))], model_yaml_config={"lafam": {"max_pixels": 1000}})
+    assert context.statuses[0][0] == 413
+    assert bodies[0]["error"]["code"] == "image_too_large"
+
+
+def test_model_config_overrides_defaults(tiny_export: Path) -> None:
+    bodies, _ = serve(tiny_export, [png_item()], model_yaml_config={"lafam": {"top_k": 2, "format": "array"}})
+    assert len(bodies[0]["predictions"]) == 2
+    assert bodies[0]["explanation"]["format"] == "array"
+
+
+def test_bad_model_config_fails_at_start(tiny_export: Path) -> None:
+    with pytest.raises(ValueError, match="unknown key"):
+        LafamService.from_folder(tiny_export, config={"topk": 2})
+    with pytest.raises(ValueError, match="format"):
+        LafamService.from_folder(tiny_export, config={"format": "jpeg"})
+
+
+def test_embedding_model_returns_embedding_and_map(tiny_encoder_export: Path) -> None:
+    bodies, _ = serve(tiny_encoder_export, [png_item(), png_item()])
+    for body in bodies:
+        assert "predictions" not in body
+        assert len(body["embedding"]) == 5
+        assert body["explanation"]["method"] == "lafam"
+
+
+def test_onnx_backend_serves_the_same_answer(tmp_path: Path, tiny_export: Path) -> None:
+    write_export(tmp_path, backend="onnx")
+    onnx_body = serve(tmp_path, [png_item()], [{"X-LaFAM-Format": "array"}])[0][0]
+    script_body = serve(tiny_export, [png_item()], [{"X-LaFAM-Format": "array"}])[0][0]
+    for a, b in zip(onnx_body["predictions"], script_body["predictions"], strict=True):
+        assert a["index"] == b["index"]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    np.testing.assert_allclose(onnx_body["explanation"]["data"], script_body["explanation"]["data"], atol=1e-4)
+
+
+def test_unexpected_failure_is_a_500_json_and_the_handler_survives(tiny_export: Path, monkeypatch) -> None:
+    context = FakeContext(str(tiny_export), headers=[{}])
+    handler = LafamHandler()
+    handler.initialize(context)
+
+    def broken(batch: torch.Tensor) -> dict:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(handler.service.backend, "run", broken)
+    body = json.loads(handler.handle([png_item()], context)[0])
+    assert context.statuses[0][0] == 500
+    assert body["error"]["code"] == "internal_error"
+    assert "device lost" not in body["error"]["message"]  # no internals leak
+    monkeypatch.undo()
+    assert json.loads(handler.handle([png_item()], context)[0])["predictions"]
+
+
+def test_metrics_are_recorded(tiny_export: Path) -> None:
+    serve(tiny_export, [png_item(), {"body": bytearray(b"junk")}])
+    text = metrics.render().decode()
+    assert 'lafam_explanation_seconds_bucket{le="0.0001",method="lafam",model="tiny-classification"}' in text
+    assert 'lafam_errors_total{code="invalid_image",model="tiny-classification"}' in text
+    assert 'lafam_inference_seconds_count{backend="torchscript",model="tiny-classification"}' in text
+
+
+def test_cpu_without_cuda_even_when_a_gpu_id_is_given() -> None:
+    expected = "cuda:1" if torch.cuda.is_available() else "cpu"
+    assert str(select_device(1)) == expected
+    assert str(select_device(None)) == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_worker_keeps_tensors_on_the_assigned_device(tiny_export: Path) -> None:
+    bodies, _ = serve(tiny_export, [png_item()], gpu_id=0)
+    assert bodies[0]["predictions"]
+    handler = LafamHandler()
+    handler.initialize(FakeContext(str(tiny_export), gpu_id=0))
+    assert handler.service.backend.device == torch.device("cuda:0")

@@ -1,0 +1,261 @@
+"""Metrics: declared once, recorded without ever failing a request, served by one competing exporter."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from handlers import metrics
+
+
+def scrape() -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(metrics.render().decode())}
+
+
+def sample(name: str, **labels: str) -> float:
+    """The value of one sample in the rendered text, 0.0 when absent."""
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return found.value
+    return 0.0
+
+
+def unique_model() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# parse_address
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+        (" 0.0.0.0:8083 ", ("0.0.0.0", 8083)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:9000", ("::1", 9000)),
+        (":9000", ("127.0.0.1", 9000)),
+        ("host:65535", ("host", 65535)),
+        ("off", None),
+        ("OFF", None),
+        ("none", None),
+        ("false", None),
+        ("0", None),
+        ("", None),
+        ("   ", None),
+    ],
+)
+def test_parse_address(address: str, expected: tuple[str, int] | None) -> None:
+    assert metrics.parse_address(address) == expected
+
+
+@pytest.mark.parametrize(
+    "address", ["localhost", "9000x", "host:", "host:0", "host:65536", "host:http", "[::1]", "h:-1"]
+)
+def test_parse_address_rejects(address: str) -> None:
+    with pytest.raises(ValueError, match="LAFAM_METRICS_ADDRESS must be host:port or 'off'"):
+        metrics.parse_address(address)
+
+
+# declarations
+
+
+def test_latency_buckets_resolve_sub_millisecond_and_reach_ten_seconds() -> None:
+    buckets = metrics.LATENCY_BUCKETS
+    assert list(buckets) == sorted(buckets)
+    assert buckets[0] <= 0.0001
+    assert sum(bound < 0.001 for bound in buckets) >= 3
+    assert buckets[-1] == 10.0
+
+
+def test_histograms_use_the_latency_buckets() -> None:
+    model = unique_model()
+    metrics.observe(metrics.EXPLANATION_SECONDS, 0.00003, model=model, method="lafam")
+    family = scrape()["lafam_explanation_seconds"]
+    bounds = {
+        found.labels["le"]
+        for found in family.samples
+        if found.name.endswith("_bucket") and found.labels.get("model") == model
+    }
+    assert bounds == {str(bound) for bound in metrics.LATENCY_BUCKETS} | {"+Inf"}
+    assert sample("lafam_explanation_seconds_bucket", model=model, method="lafam", le="5e-05") == 1.0
+
+
+def test_render_parses_and_declares_every_metric() -> None:
+    model = unique_model()
+    metrics.observe(metrics.EXPLANATION_SECONDS, 0.0002, model=model, method="lafam")
+    metrics.observe(metrics.INFERENCE_SECONDS, 0.01, model=model, backend="onnx")
+    metrics.observe(metrics.PREPROCESS_SECONDS, 0.001, model=model)
+    metrics.observe(metrics.BATCH_SIZE, 3, model=model)
+    metrics.count(metrics.REQUESTS, model=model, status="2xx")
+    metrics.count(metrics.EXPLANATIONS, model=model, method="lafam")
+    metrics.count(metrics.ERRORS, model=model, code="invalid_image")
+    families = scrape()
+    for name in (
+        "lafam_explanation_seconds",
+        "lafam_inference_seconds",
+        "lafam_preprocess_seconds",
+        "lafam_batch_size",
+    ):
+        assert families[name].type == "histogram", name
+    for name in ("lafam_requests", "lafam_explanations", "lafam_errors"):
+        assert families[name].type == "counter", name
+    assert sample("lafam_explanation_seconds_count", model=model, method="lafam") == 1.0
+    assert sample("lafam_explanation_seconds_sum", model=model, method="lafam") == pytest.approx(0.0002, abs=1e-12)
+    assert sample("lafam_errors_total", model=model, code="invalid_image") == 1.0
+
+
+# recording never raises
+
+
+def test_observe_and_count_with_wrong_labels_log_instead_of_raising(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="handlers.metrics"):
+        metrics.observe(metrics.EXPLANATION_SECONDS, 0.1, model="m")  # method missing
+        metrics.observe(metrics.EXPLANATION_SECONDS, 0.1, model="m", method="lafam", extra="x")
+        metrics.observe(metrics.EXPLANATION_SECONDS, "slow", model="m", method="lafam")  # type: ignore[arg-type]
+        metrics.count(metrics.ERRORS, model="m", bogus="x")
+        metrics.count(metrics.ERRORS, -1.0, model="m", code="x")  # counters only go up
+    failures = [record for record in caplog.records if record.getMessage().startswith("could not record")]
+    assert len(failures) == 5
+    assert all(record.exc_info for record in failures)
+
+
+def test_count_adds_the_amount() -> None:
+    model = unique_model()
+    metrics.count(metrics.EXPLANATIONS, model=model, method="lafam")
+    metrics.count(metrics.EXPLANATIONS, 2, model=model, method="lafam")
+    assert sample("lafam_explanations_total", model=model, method="lafam") == 3.0
+
+
+def test_timed_records_the_block() -> None:
+    model = unique_model()
+    with metrics.timed(metrics.PREPROCESS_SECONDS, model=model):
+        time.sleep(0.01)
+    assert sample("lafam_preprocess_seconds_count", model=model) == 1.0
+    assert 0.01 <= sample("lafam_preprocess_seconds_sum", model=model) < 5.0  # generous: a shared CPU
+
+
+def test_timed_records_even_when_the_block_raises() -> None:
+    model = unique_model()
+    with pytest.raises(RuntimeError, match="boom"), metrics.timed(metrics.EXPLANATION_SECONDS, model=model, method="x"):
+        raise RuntimeError("boom")
+    assert sample("lafam_explanation_seconds_count", model=model, method="x") == 1.0
+
+
+def test_timed_with_wrong_labels_does_not_mask_the_block(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="handlers.metrics"), metrics.timed(metrics.PREPROCESS_SECONDS):
+        result = 1 + 1
+    assert result == 2
+    assert any("could not record" in record.getMessage() for record in caplog.records)
+
+
+def test_metrics_go_to_the_configured_folder() -> None:
+    assert str(metrics.METRICS_DIR) == metrics.os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    metrics.count(metrics.ERRORS, model=unique_model(), code="x")
+    assert list(metrics.METRICS_DIR.glob("counter_*.db"))
+
+
+# exporter
+
+
+@pytest.fixture
+def servers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Record every exporter server started, and shut them all down after the test."""
+    started: list[Any] = []
+    real = metrics.start_http_server
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        server, thread = real(*args, **kwargs)
+        started.append(server)
+        return server, thread
+
+    monkeypatch.setattr(metrics, "start_http_server", recording)
+    yield started
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+def get(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def serve_in_thread(port: int, retry_seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=metrics._serve_when_free, args=(("127.0.0.1", port), retry_seconds), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_exporter_serves_every_metric_over_http(servers: list[Any]) -> None:
+    model = unique_model()
+    metrics.count(metrics.ERRORS, model=model, code="empty_body")
+    port = free_port()
+    thread = serve_in_thread(port, retry_seconds=0.05)
+    thread.join(timeout=5)
+    assert not thread.is_alive()  # bound at once, then returned; the server runs in its own thread
+    text = get(port)
+    assert "# TYPE lafam_explanation_seconds histogram" in text
+    assert f'lafam_errors_total{{code="empty_body",model="{model}"}} 1.0' in text
+
+
+def test_a_competitor_waits_without_raising_and_takes_over(servers: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    crashes: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    port = free_port()
+    serve_in_thread(port, retry_seconds=0.05).join(timeout=5)
+    assert len(servers) == 1
+
+    competitor = serve_in_thread(port, retry_seconds=0.05)
+    time.sleep(0.3)  # several failed binds
+    assert competitor.is_alive()
+    assert crashes == []
+    assert len(servers) == 1
+    get(port)
+
+    servers[0].shutdown()  # the serving worker goes away ...
+    servers[0].server_close()
+    competitor.join(timeout=5)  # ... and the competitor binds within a retry
+    assert not competitor.is_alive()
+    assert crashes == []
+    assert len(servers) == 2
+    assert "lafam_explanation_seconds" in get(port)
+
+
+def test_start_exporter_is_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(metrics, "_exporter_threads", [])
+    monkeypatch.setattr(metrics, "_serve_when_free", lambda *args: calls.append(args))
+    assert metrics.start_exporter("127.0.0.1:9") is True
+    metrics._exporter_threads[0].join(timeout=5)
+    assert metrics.start_exporter("127.0.0.1:9") is False
+    assert calls == [(("127.0.0.1", 9), metrics.RETRY_SECONDS)]
+
+
+def test_start_exporter_off_and_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_exporter_threads", [])
+    monkeypatch.setattr(metrics, "_serve_when_free", lambda *args: None)
+    assert metrics.start_exporter("off") is False
+    monkeypatch.setenv("LAFAM_METRICS_ADDRESS", "off")
+    assert metrics.start_exporter() is False
+    assert metrics._exporter_threads == []
+    monkeypatch.setenv("LAFAM_METRICS_ADDRESS", "nonsense")
+    with pytest.raises(ValueError, match="LAFAM_METRICS_ADDRESS must be host:port"):
+        metrics.start_exporter()
