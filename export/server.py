@@ -53,8 +53,8 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 def read_properties(path: str | Path) -> dict[str, str]:
     """Parse a Java properties file of ``key=value`` lines (comments and blank lines skipped)."""
     properties = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
         if line and not line.startswith(("#", "!")) and "=" in line:
             key, _, value = line.partition("=")
             properties[key.strip()] = value.strip()
@@ -88,6 +88,14 @@ class TorchServe:
         self.workdir = Path(self.workdir).resolve()
         if not self.ports:
             self.ports = {name: free_port() for name in [*PORT_KEYS.values(), "lafam_metrics"]}
+
+    @staticmethod
+    def configured_ports(config: str | Path = REPO_CONFIG, lafam_metrics: int = 8083) -> dict[str, int]:
+        """Return the ports a properties file assigns (what ``torchserve --ts-config`` would use)."""
+        properties = read_properties(config)
+        return {api: int(properties[key].rsplit(":", 1)[-1]) for key, api in PORT_KEYS.items()} | {
+            "lafam_metrics": lafam_metrics
+        }
 
     def url(self, api: str = "inference") -> str:
         """Return the base URL of an API (``inference``, ``management``, ``metrics``, ``lafam_metrics``)."""

@@ -1,0 +1,129 @@
+"""LaFAM's overhead: handler latency with the map vs without, measured side by side in one process.
+
+Same model, same requests, same service object; only the ``format`` option differs (``png`` → map
+computed, upsampled to the input size and PNG-encoded; ``none`` → no map). The two variants alternate
+(ABAB...) so that drift of a noisy machine hits both alike, and the figure reported is the median of
+the per-pair ratios. Run: ``python -m benchmarks.lafam_overhead [--write benchmarks/RESULTS.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from export.exporter import export_model
+from handlers.service import LafamService, Request
+
+RESULTS_MARKER = "<!-- lafam-overhead -->"
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _requests(batch: int, fmt: str) -> list[Request]:
+    return [
+        Request(parameters={"body": _jpeg(i)}, headers={"x-lafam-format": fmt}, content_types={"body": "image/jpeg"})
+        for i in range(batch)
+    ]
+
+
+def measure(service: LafamService, batch: int, pairs: int, warmup: int = 2) -> dict[str, float]:
+    """Return median seconds per batch with and without the map, and the median paired ratio."""
+    with_map, without_map = _requests(batch, "png"), _requests(batch, "none")
+    for _ in range(warmup):
+        service.predict(with_map)
+        service.predict(without_map)
+    on, off, ratios = [], [], []
+    for index in range(pairs):
+        order = (with_map, without_map) if index % 2 == 0 else (without_map, with_map)
+        times = {}
+        for requests in order:
+            start = time.perf_counter()
+            replies = service.predict(requests)
+            times[id(requests)] = time.perf_counter() - start
+            if any(reply.status != 200 for reply in replies):
+                raise RuntimeError(f"benchmark request failed: {replies[0].body}")
+        on.append(times[id(with_map)])
+        off.append(times[id(without_map)])
+        ratios.append(times[id(with_map)] / times[id(without_map)])
+    return {"with": statistics.median(on), "without": statistics.median(off), "ratio": statistics.median(ratios)}
+
+
+def lafam_only(service: LafamService, batch: int, repeats: int = 200) -> float:
+    """Median seconds of the LaFAM reduction alone on real activations of ``batch`` images."""
+    from handlers.explain.lafam import lafam
+
+    tensor = torch.randn(batch, 3, *service.manifest.input_size)
+    activations = service.backend.run(tensor)[service.manifest.layers[0].output]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lafam(activations)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Export ResNet-50 (random init) to both backends and print the overhead table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--pairs", type=int, default=12, help="ABAB pairs per configuration")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--write", type=Path, help="update this markdown file's LaFAM-overhead section")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = export_model(
+            args.model, Path(tmp) / args.model, backends=("onnx", "torchscript"), num_classes=1000, log=lambda _: None
+        )
+        for backend, folder in folders.items():
+            service = LafamService.from_folder(folder)
+            for batch in (int(b) for b in args.batches.split(",")):
+                result = measure(service, batch, args.pairs)
+                reduce_ms = lafam_only(service, batch) * 1e3
+                rows.append(
+                    f"| {backend} | {batch} | {result['without'] * 1e3:.1f} | {result['with'] * 1e3:.1f} | "
+                    f"{(result['ratio'] - 1) * 100:+.2f} % | {reduce_ms:.3f} |"
+                )
+                print(rows[-1], flush=True)
+    cpu = platform.processor() or platform.machine()
+    header = (
+        f"{RESULTS_MARKER}\n## LaFAM overhead ({args.model}, random init, 224x224, JPEG 320x240 requests)\n\n"
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+        f"no GPU. Median of {args.pairs} alternating pairs; overhead = median per-pair ratio − 1. The map is "
+        "computed, upsampled (nearest) to 224x224 and PNG-encoded; 'reduction' is the LaFAM reduction alone.\n\n"
+        "| backend | batch | handler ms, no map | handler ms, with map | overhead | reduction ms |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    table = header + "\n".join(rows) + f"\n{RESULTS_MARKER}\n"
+    print(table)
+    if args.write:
+        text = args.write.read_text() if args.write.exists() else "# Benchmark results\n\n"
+        if RESULTS_MARKER in text:
+            start = text.index(RESULTS_MARKER)
+            end = text.index(RESULTS_MARKER, start + 1) + len(RESULTS_MARKER) + 1
+            text = text[:start] + table + text[end:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + table
+        args.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

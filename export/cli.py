@@ -1,0 +1,141 @@
+"""The ``lafam-serve`` command: export, archive, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from export.exporter import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sides, got {text!r}")
+    return values[0], values[1]
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lafam-serve", description="Serve image models with a LaFAM explanation on every prediction."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export",
+        help="export a model with activation outputs, verified against eager",
+        description="Export MODEL (a torchvision name like resnet50, or package.module:factory) to ONNX and/or "
+        "TorchScript with the chosen layers' activations as extra outputs; verify every output against eager.",
+    )
+    export.add_argument("model", help="torchvision model name, or package.module:factory returning an nn.Module")
+    export.add_argument("--weights", type=Path, help="state_dict file (no weights are downloaded)")
+    export.add_argument("--num-classes", type=int, help="number of classes (torchvision models)")
+    export.add_argument("--labels", type=Path, help="class names, one per line")
+    export.add_argument("--task", choices=("classification", "embedding"), default="classification")
+    export.add_argument(
+        "--layer",
+        action="append",
+        dest="layers",
+        help="layer to export (repeatable); default: the last convolutional stage, found automatically",
+    )
+    export.add_argument("--input-size", type=_size, default=(224, 224), help="N or HxW (default 224)")
+    export.add_argument("--mean", type=_triple, default=IMAGENET_MEAN, help="r,g,b (default ImageNet)")
+    export.add_argument("--std", type=_triple, default=IMAGENET_STD, help="r,g,b (default ImageNet)")
+    export.add_argument("--backend", choices=("onnx", "torchscript", "both"), default="onnx")
+    export.add_argument("--name", help="model name (default: from MODEL)")
+    export.add_argument("--out", type=Path, default=Path("out/export"), help="output folder (default out/export)")
+    export.add_argument("--tolerance", type=float, help="max |eager - exported| allowed (default: see docs)")
+    export.add_argument("--archive", action="store_true", help="also build the .mar (first backend)")
+    export.add_argument("--model-store", type=Path, default=Path("model_store"))
+
+    archive = commands.add_parser(
+        "archive",
+        help="pack an export folder into a self-contained .mar",
+        description="Pack an export folder (graph + lafam.json) with the serving code into <model-store>/<name>.mar.",
+    )
+    archive.add_argument("export_dir", type=Path, help="a backend folder written by 'export' (e.g. out/export/x/onnx)")
+    archive.add_argument("--name", help="model name in TorchServe (default: the manifest's)")
+    archive.add_argument("--model-store", type=Path, default=Path("model_store"))
+    archive.add_argument("--batch-size", type=int, default=8)
+    archive.add_argument("--max-batch-delay", type=int, default=10, help="milliseconds")
+    archive.add_argument("--workers", type=int, default=1)
+    archive.add_argument("--version", default="1.0")
+
+    demo = commands.add_parser("demo", help="build the demo model, serve it, query it, write overlays, stop")
+    demo.add_argument("--out", type=Path, default=Path("out"))
+    demo.add_argument("--model-store", type=Path, default=Path("model_store"))
+    demo.add_argument("--samples", type=int, default=6)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "export":
+            from export.archive import build_archive
+            from export.exporter import export_model
+
+            backends = ("onnx", "torchscript") if args.backend == "both" else (args.backend,)
+            folders = export_model(
+                args.model,
+                args.out / (args.name or args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]),
+                backends=backends,
+                layers=args.layers,
+                weights=args.weights,
+                num_classes=args.num_classes,
+                labels=args.labels,
+                input_size=args.input_size,
+                mean=args.mean,
+                std=args.std,
+                task=args.task,
+                name=args.name,
+                tolerance=args.tolerance,
+                log=print,
+            )
+            for backend, folder in folders.items():
+                print(f"{backend}: {folder}")
+            if args.archive:
+                build_archive(folders[backends[0]], args.model_store, name=args.name, log=print)
+        elif args.command == "archive":
+            from export.archive import build_archive, model_config
+
+            config = model_config(
+                batch_size=args.batch_size,
+                max_batch_delay_ms=args.max_batch_delay,
+                min_workers=args.workers,
+                max_workers=args.workers,
+            )
+            build_archive(
+                args.export_dir, args.model_store, name=args.name, version=args.version, config=config, log=print
+            )
+        elif args.command == "demo":
+            from demo.run import run_demo
+
+            run_demo(args.out, args.model_store, args.samples)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"lafam-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Model spec in, verified graphs out: one folder per backend with the graph, ``labels.txt`` and ``lafam.json``.
+
+The manifest is written last, after the graph has been verified through the serving code, so a folder
+holding a ``lafam.json`` always holds a graph that passed verification. When verification fails the
+graph is left in place (for inspection) without a manifest and the error is raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torchvision
+
+from export.models import ActivationModel, find_default_layer, resolve_model
+from export.onnx import export_onnx
+from export.torchscript import export_torchscript
+from export.verify import DEFAULT_TOLERANCE, VerificationError, verify_report
+from handlers.manifest import BACKENDS, MANIFEST_FILE, LayerSpec, Manifest, output_name_for, sha256_file
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
+LABELS_FILE = "labels.txt"
+MAIN_OUTPUTS: dict[str, str] = {"classification": "logits", "embedding": "embedding"}
+VERIFY_BATCH_SIZES: tuple[int, ...] = (1, 3)
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class ExportError(ValueError):
+    """An export argument is invalid; the message names it and the fix."""
+
+
+def export_model(
+    spec: str,
+    out_dir: str | Path,
+    *,
+    backends: Sequence[str] = ("onnx",),
+    layers: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    labels: Sequence[str] | str | Path | None = None,
+    input_size: tuple[int, int] = (224, 224),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    task: str = "classification",
+    name: str | None = None,
+    tolerance: float | None = None,
+    opset: int | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> dict[str, Path]:
+    """Export a model to verified graphs, one folder per backend.
+
+    Each ``out_dir/<backend>/`` receives the graph (``model.onnx`` or ``model.pt``), ``labels.txt`` when
+    there are labels, and the manifest ``lafam.json`` (see :class:`handlers.manifest.Manifest`), written
+    only once the graph has passed :func:`export.verify.verify`. A manifest left by an earlier export in
+    that folder is removed first, so it can never describe the new graph.
+
+    Args:
+        spec: torchvision model name or ``package.module:factory`` (see :func:`export.models.resolve_model`).
+        out_dir: parent folder of the per-backend folders; created if missing.
+        backends: any of ``onnx`` and ``torchscript``.
+        layers: module paths to explain, the first is the default; ``None`` finds the last convolutional
+            stage (:func:`export.models.find_default_layer`).
+        weights: state_dict file; ``None`` keeps the random initialisation.
+        num_classes: classes of the head; ``None`` keeps the model's default.
+        labels: class names, or a file with one name per line (blank lines ignored); their number must
+            equal the model's number of outputs. Not allowed for ``task="embedding"``.
+        input_size: ``(H, W)`` of the graph input.
+        mean: per-channel normalisation mean, RGB, for pixel values in [0, 1].
+        std: per-channel normalisation standard deviation.
+        task: ``classification`` (main output ``logits``) or ``embedding`` (main output ``embedding``).
+        name: model name; defaults to the spec's last component (``resnet50``, ``build_net``).
+        tolerance: verification tolerance, relative to each output's magnitude (rule in :mod:`export.verify`);
+            ``None`` uses 1e-4.
+        opset: ONNX opset; ``None`` uses the exporter's default.
+        log: receives progress lines (``print`` works).
+
+    Returns:
+        The folder written for each backend, by backend name.
+
+    Raises:
+        ExportError: for invalid arguments (backends, labels, name, input size, outputs of the model).
+        ModelSpecError: when the model, its weights or a layer cannot be resolved.
+        VerificationError: when an exported graph does not match the eager model.
+    """
+    chosen = _check_backends(backends)
+    size = _check_input_size(input_size)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if not tolerance > 0:
+        raise ExportError(f"tolerance={tolerance!r} must be positive, e.g. {DEFAULT_TOLERANCE}")
+    model_name = _model_name(spec, name)
+    label_list = _read_labels(labels) if labels is not None else ()
+    if label_list and task == "embedding":
+        raise ExportError("labels were given for task='embedding'; an embedding model has no classes, drop labels")
+
+    model = resolve_model(spec, num_classes=num_classes, weights=weights, task=task)
+    default_chosen = layers is None
+    layer_names = [find_default_layer(model, size)] if layers is None else list(layers)
+    reference = ActivationModel(model, layer_names)
+    del model
+    with torch.no_grad():
+        main, *activations = reference(torch.zeros(1, 3, *size))
+    if main.dim() != 2:
+        raise ExportError(
+            f"{spec!r} returns a tensor of shape {tuple(main.shape)} for one image; expected (1, K) logits or an "
+            f"embedding: wrap the model so that it returns a 2-D tensor"
+        )
+    num_outputs = int(main.shape[1])
+    layer_specs = tuple(
+        LayerSpec(name=layer, output=output_name_for(layer), shape=(int(a.shape[1]), int(a.shape[2]), int(a.shape[3])))
+        for layer, a in zip(layer_names, activations, strict=True)
+    )
+    _check_output_names(layer_specs)
+    if default_chosen:
+        c, h, w = layer_specs[0].shape
+        log(f"default layer: {layer_specs[0].name} ({c}x{h}x{w} at {size[0]}x{size[1]})")
+    if label_list and len(label_list) != num_outputs:
+        raise ExportError(
+            f"labels: {len(label_list)} labels for {num_outputs} model outputs; give exactly one label per class "
+            f"(one per line in a labels file, blank lines ignored) or pass num_classes={len(label_list)}"
+        )
+
+    # Built before any graph is written so that bad mean/std/sizes fail fast, with the manifest's messages.
+    draft = Manifest(
+        name=model_name,
+        task=task,  # type: ignore[arg-type]  # checked by resolve_model
+        backend=chosen[0],  # type: ignore[arg-type]  # checked above
+        model_file=GRAPH_FILES[chosen[0]],
+        input_size=size,
+        mean=_three_floats(mean, "mean"),
+        std=_three_floats(std, "std"),
+        main_output=MAIN_OUTPUTS[task],
+        layers=layer_specs,
+        num_outputs=num_outputs,
+        labels=label_list,
+        source={
+            "spec": spec,
+            "weights_sha256": sha256_file(weights) if weights is not None else None,
+            "num_classes": num_classes,
+            "torch_version": torch.__version__,
+            "torchvision_version": torchvision.__version__,
+        },
+    )
+    out = Path(out_dir)
+    return {
+        backend: _export_backend(reference, draft, backend, out / backend, tolerance=tolerance, opset=opset, log=log)
+        for backend in chosen
+    }
+
+
+def _export_backend(
+    reference: ActivationModel,
+    draft: Manifest,
+    backend: str,
+    folder: Path,
+    *,
+    tolerance: float,
+    opset: int | None,
+    log: Callable[[str], None],
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / MANIFEST_FILE
+    if manifest_path.exists():
+        log(f"{backend}: removing the manifest of an earlier export, {manifest_path}")
+        manifest_path.unlink()
+    labels_path = folder / LABELS_FILE
+    if draft.labels:
+        labels_path.write_text("".join(label + "\n" for label in draft.labels))
+    elif labels_path.exists():
+        log(f"{backend}: removing {labels_path} of an earlier export (this model has no labels)")
+        labels_path.unlink()
+    graph_path = folder / GRAPH_FILES[backend]
+    names = [draft.main_output, *(spec.output for spec in draft.layers)]
+    input_size = draft.input_size
+
+    def write_graph(freeze: bool) -> Manifest:
+        if backend == "onnx":
+            info = export_onnx(reference, graph_path, input_size, names, opset=opset, log=log)
+        else:
+            info = export_torchscript(reference, graph_path, input_size, freeze=freeze, log=log)
+        checksums = {graph_path.name: sha256_file(graph_path)}
+        if draft.labels:
+            checksums[LABELS_FILE] = sha256_file(labels_path)
+        source = {**draft.source, "opset": None, **info}
+        return dataclasses.replace(
+            draft, backend=backend, model_file=graph_path.name, checksums=checksums, source=source
+        )
+
+    manifest = write_graph(freeze=True)
+    try:
+        report = verify_report(reference, folder, manifest, batch_sizes=VERIFY_BATCH_SIZES, tolerance=tolerance)
+    except VerificationError as exc:
+        if not manifest.source.get("frozen"):
+            raise
+        log(f"{backend}: the frozen TorchScript graph failed verification ({exc}); exporting it unfrozen")
+        manifest = write_graph(freeze=False)
+        report = verify_report(reference, folder, manifest, batch_sizes=VERIFY_BATCH_SIZES, tolerance=tolerance)
+    manifest = dataclasses.replace(manifest, verification=report.to_dict())
+    manifest.dump(manifest_path)
+    worst = ", ".join(f"{name} {diff:.2g}" for name, diff in report.max_abs_diff.items())
+    log(f"{backend}: wrote {folder} ({manifest.source['exporter']} exporter; max |eager - exported|: {worst})")
+    return folder
+
+
+def _check_backends(backends: Sequence[str]) -> list[str]:
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if not names:
+        raise ExportError(f"backends is empty; choose from: {', '.join(BACKENDS)}")
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise ExportError(
+            f"backends: {', '.join(map(repr, unknown))} not supported; choose from: {', '.join(BACKENDS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _check_output_names(layer_specs: Sequence[LayerSpec]) -> None:
+    by_output: dict[str, list[str]] = {}
+    for spec in layer_specs:
+        by_output.setdefault(spec.output, []).append(spec.name)
+    clashes = [names for names in by_output.values() if len(names) > 1]
+    if clashes:
+        raise ExportError(
+            f"layers {' and '.join(map(repr, clashes[0]))} map to the same graph output name "
+            f"{output_name_for(clashes[0][0])!r}; keep only one of them"
+        )
+
+
+def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, int]:
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ExportError(f"input_size={input_size!r} must be (height, width), two positive integers")
+    return int(size[0]), int(size[1])
+
+
+def _three_floats(values: Sequence[float], argument: str) -> tuple[float, float, float]:
+    try:
+        floats = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{argument}={values!r} must be three numbers (R, G, B)") from exc
+    if len(floats) != 3:
+        raise ExportError(f"{argument}={values!r} must be three numbers (R, G, B)")
+    return floats  # type: ignore[return-value]  # length checked
+
+
+def _model_name(spec: str, name: str | None) -> str:
+    if name is None:
+        name = str(spec).strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        if ":" not in spec:
+            name = name.lower()
+    if not _MODEL_NAME.match(name):
+        raise ExportError(f"name={name!r} must start with a letter or digit and use only letters, digits, '_', '-'")
+    return name
+
+
+def _read_labels(labels: Sequence[str] | str | Path) -> tuple[str, ...]:
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        if not path.is_file():
+            raise ExportError(f"labels={str(labels)!r} is not a file; pass a text file with one class name per line")
+        return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    values = tuple(labels)
+    bad = [v for v in values if not isinstance(v, str) or not v.strip() or "\n" in v or "\r" in v]
+    if bad:
+        raise ExportError(f"labels contains {bad[0]!r}; each label must be a non-empty single-line string")
+    return tuple(v.strip() for v in values)

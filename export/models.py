@@ -1,0 +1,451 @@
+"""Turn a model spec into an eager module, find its explanation layer, and expose its activations.
+
+A spec is either a torchvision classification model name (``resnet50``) or ``package.module:factory``
+for a user's own ``nn.Module``. Models are always built with ``weights=None``: trained parameters come
+only from an explicit state_dict file, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import importlib
+import inspect
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from handlers.manifest import TASKS
+
+_IDENTIFIER_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+# Classification heads of torchvision models, by attribute name. For ``task="embedding"`` the last child
+# of the head (which must be a Linear) becomes an Identity, see ``_strip_head``.
+_HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "classifier", "head", "heads")
+
+_POOLING_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+)
+
+
+class ModelSpecError(ValueError):
+    """A model spec, its weights or a layer name cannot be used; the message names the argument and the fix."""
+
+
+def _close_matches(word: str, candidates: Sequence[str], n: int = 5) -> list[str]:
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+
+
+def _shorten(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def torchvision_model_names() -> list[str]:
+    """Return the names of torchvision's classification models, sorted."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve_model(
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    task: str = "classification",
+) -> nn.Module:
+    """Build the eager model a spec names, load its weights, and put it in eval mode.
+
+    For ``task="embedding"`` a torchvision model loses its final classification layer: the last child of
+    its head (``fc``, ``classifier``, ``head`` or ``heads``), which must be a ``Linear``, becomes an
+    ``nn.Identity``. The embedding is therefore the input of the final linear layer: the pooled features
+    for resnet, densenet and efficientnet (512/2048, 1024, 1280), the layer-normalised pooled features for
+    convnext (768), and the hidden fully connected layer for vgg (4096) and mobilenet_v3 (1024/1280), whose
+    heads have one. Weights are loaded before the head is removed, so a classifier checkpoint (with
+    ``num_classes`` set to its class count) or an encoder-only checkpoint (no head keys) both work. A
+    ``package.module:factory`` model is used as returned: for embeddings the factory returns the encoder.
+
+    Args:
+        spec: a torchvision classification model name (``resnet50``) or ``package.module:factory``, where
+            ``factory`` is a callable (function or class) returning an ``nn.Module``.
+        num_classes: number of classes of the classification head; ``None`` keeps the model's default.
+            Given with a factory, the factory must take a ``num_classes`` argument (it is never dropped
+            silently).
+        weights: a file holding a state_dict (``torch.save(model.state_dict(), path)``), possibly wrapped
+            under a ``"state_dict"`` or ``"model"`` key and with the ``module.`` prefix of DataParallel
+            removed; loaded strictly. ``None`` keeps the random initialisation.
+        task: ``classification`` or ``embedding``.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ModelSpecError: for an unknown name, a malformed spec, an import failure, a factory that does not
+            return an ``nn.Module``, or weights that do not match the model.
+
+    Example:
+        >>> model = resolve_model("resnet18", num_classes=10)
+    """
+    if task not in TASKS:
+        raise ModelSpecError(f"task={task!r} is not supported; use one of: {', '.join(TASKS)}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ModelSpecError(f"num_classes={num_classes!r} must be a positive integer, or None for the default")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"spec={spec!r} must be a torchvision model name or 'package.module:factory'")
+    spec = spec.strip()
+    from_torchvision = ":" not in spec
+    model = _build_torchvision(spec, num_classes) if from_torchvision else _build_from_factory(spec, num_classes)
+    head = _head_path(model, spec) if from_torchvision and task == "embedding" else None
+    if weights is not None:
+        state = _read_state_dict(weights)
+        if head is not None and not any(key.startswith(head + ".") for key in state):
+            _strip_head(model, head)  # an encoder-only checkpoint: drop the head first so it loads strictly
+            head = None
+        _load_state_dict(model, state, spec=spec, weights=weights)
+    if head is not None:
+        _strip_head(model, head)
+    return model.eval()
+
+
+def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
+    known = torchvision_model_names()
+    key = name.lower()
+    if key not in known:
+        close = _close_matches(key, known)
+        hint = f"close matches: {', '.join(close)}; " if close else ""
+        own = " (for your own model write 'package.module:factory', with a colon)" if "." in name else ""
+        raise ModelSpecError(
+            f"spec={name!r} is not a torchvision classification model ({hint}see "
+            f"torchvision.models.list_models(module=torchvision.models)){own}"
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes is not None else {}
+    return torchvision.models.get_model(key, weights=None, **kwargs)
+
+
+def _build_from_factory(spec: str, num_classes: int | None) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    if not _IDENTIFIER_PATH.match(module_name) or not _IDENTIFIER_PATH.match(attribute):
+        raise ModelSpecError(
+            f"spec={spec!r} is not of the form 'package.module:factory' (dotted Python names on both sides of "
+            f"a single colon), e.g. 'mypkg.models:build_net'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"spec={spec!r}: cannot import module {module_name!r} ({exc}); install it or run from the folder "
+            f"that contains it (or add that folder to PYTHONPATH)"
+        ) from exc
+    except Exception as exc:
+        raise ModelSpecError(f"spec={spec!r}: importing module {module_name!r} failed: {exc!r}") from exc
+    factory: Any = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            public = [n for n in dir(factory) if not n.startswith("_")]
+            close = _close_matches(part, public)
+            hint = f" (close matches: {', '.join(close)})" if close else ""
+            raise ModelSpecError(f"spec={spec!r}: {module_name!r} has no attribute {attribute!r}{hint}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ModelSpecError(f"spec={spec!r}: {attribute!r} is a {type(factory).__name__}, not a callable factory")
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        if not _accepts_keyword(factory, "num_classes"):
+            raise ModelSpecError(
+                f"num_classes={num_classes} was given but factory {spec!r} takes no num_classes argument; "
+                f"drop num_classes or add a num_classes parameter to the factory"
+            )
+        kwargs["num_classes"] = num_classes
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"spec={spec!r}: the factory returned {_describe(model)}, not a torch.nn.Module; make it return the "
+            f"model instance"
+        )
+    return model
+
+
+def _accepts_keyword(function: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
+
+
+def _head_path(model: nn.Module, spec: str) -> str:
+    """Return the module path of the final classification layer (``fc``, ``classifier.6``, ``heads.head``)."""
+    for attribute in _HEAD_ATTRIBUTES:
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Linear):
+            return attribute
+        if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
+            last_child = [name for name, _ in head.named_children()][-1]
+            return f"{attribute}.{last_child}"
+    raise ModelSpecError(
+        f"task='embedding': cannot find the classification head of {spec!r} (looked for a Linear "
+        f"{', '.join(_HEAD_ATTRIBUTES)} or a Sequential ending in a Linear); use task='classification' or a "
+        f"'package.module:factory' that returns the encoder"
+    )
+
+
+def _strip_head(model: nn.Module, path: str) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, nn.Identity())
+
+
+def _read_state_dict(weights: str | Path) -> dict[str, Tensor]:
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelSpecError(
+            f"weights={str(weights)!r} is not a file; pass the path of a saved state_dict "
+            f"(torch.save(model.state_dict(), path))"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelSpecError(
+            f"weights={str(weights)!r} cannot be read with torch.load(weights_only=True) ({exc}); save a "
+            f"state_dict with torch.save(model.state_dict(), path), not a pickled model"
+        ) from exc
+    if isinstance(loaded, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+                break
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
+    ):
+        raise ModelSpecError(
+            f"weights={str(weights)!r} does not hold a state_dict (a mapping of parameter names to tensors, "
+            f"possibly under 'state_dict' or 'model'); save one with torch.save(model.state_dict(), path)"
+        )
+    state = dict(loaded)
+    prefix = "module."  # left by DataParallel / DistributedDataParallel
+    if state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _load_state_dict(model: nn.Module, state: dict[str, Tensor], *, spec: str, weights: str | Path) -> None:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+    if not (missing or unexpected or wrong_shape):
+        model.load_state_dict(state, strict=True)
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_shorten(unexpected)}")
+    if wrong_shape:
+        shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in wrong_shape]
+        problems.append(f"shape mismatch: {_shorten(shapes, 4)}")
+    hint = "check that spec and num_classes are the ones the checkpoint was trained with"
+    head_keys = [key for key in wrong_shape if key in list(expected)[-2:]]
+    if head_keys:
+        classes = state[head_keys[-1]].shape[0]
+        hint = f"the classification head differs: pass num_classes={classes} if the checkpoint has {classes} classes"
+    raise ModelSpecError(f"weights={str(weights)!r} do not match model {spec!r}: {'; '.join(problems)}; {hint}")
+
+
+def find_default_layer(model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> str:
+    """Find the last convolutional stage of a model, the default LaFAM layer.
+
+    One dummy forward pass (batch 1, no grad, eval mode) records every submodule's output. Candidates are
+    modules other than pooling layers whose output is a 4-D tensor with a spatial size above 1x1; the
+    candidate whose hook fires last wins, and among modules that returned that very tensor (a Sequential
+    and its last child) the shallowest name is taken. Hooks are removed and each module's train/eval mode
+    is restored afterwards, so the model is left as it was.
+
+    Args:
+        model: the eager model.
+        input_size: ``(H, W)`` of the dummy input; use the size the model will be served at.
+
+    Returns:
+        A module path such as ``layer4`` (resnet) or ``features`` (vgg, densenet, mobilenet, convnext).
+
+    Raises:
+        ModelSpecError: when the forward pass fails or no module qualifies.
+    """
+    height, width = _check_input_size(input_size)
+    fired: list[tuple[str, Tensor]] = []
+
+    def record(name: str, module: nn.Module, args: object, output: object) -> None:
+        if (
+            isinstance(output, Tensor)
+            and output.dim() == 4
+            and output.shape[-2] * output.shape[-1] > 1
+            and not isinstance(module, _POOLING_LAYERS)
+        ):
+            fired.append((name, output))
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [
+        module.register_forward_hook(functools.partial(record, name)) for name, module in model.named_modules() if name
+    ]
+    parameter = next(model.parameters(), None)
+    dummy = torch.zeros(
+        1,
+        3,
+        height,
+        width,
+        dtype=parameter.dtype if parameter is not None else torch.float32,
+        device=parameter.device if parameter is not None else "cpu",
+    )
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(dummy)
+    except Exception as exc:
+        raise ModelSpecError(
+            f"the dummy forward pass at input_size={input_size} failed ({exc!r}); check input_size or pass the "
+            f"layers explicitly"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if not fired:
+        raise ModelSpecError(
+            f"no module returns a 4-D activation larger than 1x1 at input_size={input_size}; use a larger "
+            f"input_size or pass the layers explicitly"
+        )
+    last = fired[-1][1]
+    same = [name for name, output in fired if output is last]
+    return min(same, key=lambda name: name.count("."))
+
+
+def _check_input_size(input_size: Sequence[int]) -> tuple[int, int]:
+    if (
+        not isinstance(input_size, Sequence)
+        or len(input_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        raise ModelSpecError(f"input_size={input_size!r} must be (height, width), two positive integers")
+    return int(input_size[0]), int(input_size[1])
+
+
+class ActivationModel(nn.Module):
+    """A deep copy of a model whose forward also returns the activations of chosen layers.
+
+    ``forward(x)`` returns ``(main_output, act_layer1, act_layer2, ...)``. Forward hooks on the copy's
+    submodules record each layer's output during the call; nothing is registered on the model passed in.
+    Each activation is cloned when its layer returns, so a later in-place op (densenet applies an in-place
+    ReLU to ``features``) cannot change it and eager, TorchScript and ONNX agree on what a layer's
+    activation is. The wrapper traces with ``torch.jit.trace`` and exports with ``torch.onnx.export``. One
+    forward at a time: it is not thread-safe.
+
+    Args:
+        model: the eager model (left untouched).
+        layers: module paths (as in ``model.named_modules()``) whose 4-D outputs are returned.
+
+    Raises:
+        ModelSpecError: for an empty or duplicated layer list, or an unknown layer name.
+
+    Example:
+        >>> wrapped = ActivationModel(torchvision.models.resnet18(), ["layer4"])
+        >>> logits, layer4 = wrapped(torch.zeros(1, 3, 224, 224))
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise ModelSpecError("layers is empty; name at least one module, e.g. 'layer4'")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ModelSpecError(f"layers lists {', '.join(duplicates)} more than once; name each layer once")
+        valid = [name for name, _ in model.named_modules() if name]
+        for name in names:
+            if name not in valid:
+                close = _close_matches(name, valid) or [n for n in valid if "." not in n][:8]
+                raise ModelSpecError(
+                    f"layer {name!r} is not a module of {type(model).__name__} (valid names include: "
+                    f"{', '.join(close)}; see dict(model.named_modules()))"
+                )
+        self.model = copy.deepcopy(model)
+        self.layers: tuple[str, ...] = tuple(names)
+        self._recording: dict[str, Tensor] | None = None
+        for name in names:
+            # A bound method in a partial (not a closure) so that deep copies of this wrapper hook their own copy.
+            self.model.get_submodule(name).register_forward_hook(functools.partial(self._record, name))
+        self.eval()
+
+    def _record(self, name: str, module: nn.Module, args: object, output: object) -> None:
+        if self._recording is None:
+            return
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise ModelSpecError(
+                f"layer {name!r} ({type(module).__name__}) returns {_describe(output)}; LaFAM needs a 4-D "
+                f"(N, C, h, w) activation: choose a convolutional module"
+            )
+        self._recording[name] = output.clone()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Run the model on ``x`` and return its output followed by each layer's activations."""
+        self._recording = {}
+        try:
+            main = self.model(x)
+            recorded = self._recording
+        finally:
+            self._recording = None
+        if not isinstance(main, Tensor):
+            raise ModelSpecError(
+                f"{type(self.model).__name__} returns {_describe(main)}; the model must return one tensor "
+                f"(logits or an embedding)"
+            )
+        silent = [name for name in self.layers if name not in recorded]
+        if silent:
+            raise ModelSpecError(
+                f"layer(s) {', '.join(silent)} did not run during the forward pass; choose modules the model calls"
+            )
+        return (main, *(recorded[name] for name in self.layers))
+
+    def layer_shapes(self, input_size: tuple[int, int] = (224, 224)) -> dict[str, tuple[int, int, int]]:
+        """Return ``(C, h, w)`` of each layer's activations for an input of ``(H, W)``."""
+        height, width = _check_input_size(input_size)
+        parameter = next(self.parameters(), None)
+        dummy = torch.zeros(1, 3, height, width, device=parameter.device if parameter is not None else "cpu")
+        with torch.no_grad():
+            _, *activations = self(dummy)
+        return {
+            name: (int(act.shape[1]), int(act.shape[2]), int(act.shape[3]))
+            for name, act in zip(self.layers, activations, strict=True)
+        }

@@ -1,0 +1,169 @@
+"""The demo's scene generator, labels file and shipped ShapesCNN weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from demo import scenes as scene_module
+from demo.model import INPUT_SIZE, LAST_CONV_STAGE, preprocess, shapes_cnn
+from demo.scenes import CLASSES, Scene, generate_dataset, generate_scene, save_samples
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+WEIGHTS = DEMO / "weights" / "shapes_cnn.pt"
+
+
+def _assert_valid(scene: Scene, size: int) -> None:
+    assert scene.image.shape == (size, size, 3)
+    assert scene.image.dtype == np.uint8
+    assert scene.masks.dtype == np.bool_
+    assert scene.masks.shape == (len(scene.labels), size, size)
+    assert len(set(scene.labels)) == len(scene.labels)
+    assert all(0 <= label < len(CLASSES) for label in scene.labels)
+    for mask in scene.masks:
+        assert mask.any()
+        ys, xs = np.nonzero(mask)
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        # Circumscribed diameter is 20-45 % of the side; an inscribed extent is at least ~half of that.
+        assert 0.1 * size <= extent <= 0.45 * size + 2
+        # Objects lie wholly inside the image: none touches its border.
+        border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+        assert not border.any()
+    if len(scene.masks) > 1:
+        assert scene.masks.sum(axis=0).max() == 1, "objects overlap"
+
+
+def test_same_seed_same_scenes() -> None:
+    first = generate_dataset(12, seed=7, two_object_fraction=0.5)
+    second = generate_dataset(12, seed=7, two_object_fraction=0.5)
+    for a, b in zip(first, second, strict=True):
+        assert a.labels == b.labels
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def test_other_seed_other_scenes() -> None:
+    first = generate_dataset(4, seed=1)
+    second = generate_dataset(4, seed=2)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(first, second, strict=True))
+
+
+def test_generate_scene_is_a_function_of_the_generator_state() -> None:
+    a = generate_scene(np.random.default_rng(3), num_objects=2)
+    b = generate_scene(np.random.default_rng(3), num_objects=2)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize("size", [64, 128, 160])
+def test_scene_shapes_dtypes_and_masks(size: int) -> None:
+    for scene in generate_dataset(24, seed=11, size=size, two_object_fraction=0.5):
+        _assert_valid(scene, size)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 9])
+def test_masks_are_exactly_the_painted_pixels(seed: int) -> None:
+    scene = generate_scene(np.random.default_rng(seed), num_objects=2)
+    # Replay the same generator up to the objects: background and distractors only.
+    rng = np.random.default_rng(seed)
+    canvas = scene_module._background(rng, 128)
+    scene_module._draw_distractors(rng, canvas)
+    background = np.asarray(canvas)
+    outside = ~scene.masks.any(axis=0)
+    np.testing.assert_array_equal(scene.image[outside], background[outside])
+    for mask in scene.masks:
+        changed = (scene.image[mask] != background[mask]).any(axis=-1)
+        assert changed.mean() > 0.9
+
+
+def test_two_object_fraction_and_distinct_labels() -> None:
+    scenes = generate_dataset(20, seed=3, two_object_fraction=0.25)
+    counts = [len(scene.labels) for scene in scenes]
+    assert counts.count(2) == 5
+    assert counts.count(1) == 15
+    for scene in scenes:
+        if len(scene.labels) == 2:
+            assert scene.labels[0] != scene.labels[1]
+            assert scene.masks.shape[0] == 2
+
+
+def test_all_classes_appear() -> None:
+    labels = {label for scene in generate_dataset(60, seed=0) for label in scene.labels}
+    assert labels == set(range(len(CLASSES)))
+
+
+def test_scene_is_read_only() -> None:
+    scene = generate_scene(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="read-only"):
+        scene.image[0, 0, 0] = 1
+    assert scene.class_names == (CLASSES[scene.labels[0]],)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"n": -1, "seed": 0}, "n"),
+        ({"n": 2, "seed": 0, "two_object_fraction": 1.5}, "two_object_fraction"),
+        ({"n": 2, "seed": 0, "size": 8}, "size"),
+    ],
+)
+def test_generate_dataset_rejects_bad_arguments(kwargs: dict[str, float], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        generate_dataset(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_objects", [0, 4])
+def test_generate_scene_rejects_bad_object_count(num_objects: int) -> None:
+    with pytest.raises(ValueError, match="num_objects"):
+        generate_scene(np.random.default_rng(0), num_objects=num_objects)
+
+
+def test_scene_rejects_mismatched_labels() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        Scene(image=np.zeros((8, 8, 3), np.uint8), labels=(0, 1), masks=np.ones((1, 8, 8), bool))
+
+
+def test_save_samples_writes_images_masks_and_index(tmp_path: Path) -> None:
+    index_path = save_samples(tmp_path, n=4, seed=2, two_object_fraction=0.5)
+    index = json.loads(index_path.read_text())
+    assert index["classes"] == list(CLASSES)
+    assert len(index["samples"]) == 4
+    expected = generate_dataset(4, seed=2, two_object_fraction=0.5)
+    for sample, scene in zip(index["samples"], expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / sample["image"])), scene.image)
+        assert sample["labels"] == list(scene.labels)
+        assert sample["classes"] == list(scene.class_names)
+        assert len(sample["masks"]) == len(scene.labels)
+        for mask_file, mask in zip(sample["masks"], scene.masks, strict=True):
+            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / mask_file)) > 0, mask)
+
+
+def test_labels_file_matches_classes() -> None:
+    assert (DEMO / "labels.txt").read_text().splitlines() == list(CLASSES)
+
+
+def test_last_conv_stage_is_8x8() -> None:
+    model = shapes_cnn().eval()
+    with torch.no_grad():
+        features = model.features(torch.zeros(1, 3, *INPUT_SIZE))
+        logits = model(torch.zeros(1, 3, *INPUT_SIZE))
+    assert features.shape == (1, 128, 8, 8)
+    assert logits.shape == (1, len(CLASSES))
+    assert isinstance(getattr(model, LAST_CONV_STAGE), torch.nn.Module)
+
+
+def test_shipped_weights_classify_fresh_scenes() -> None:
+    model = shapes_cnn()
+    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model.eval()
+    assert WEIGHTS.stat().st_size < 3 * 1024 * 1024
+    scenes = generate_dataset(64, seed=424_242, two_object_fraction=0.0)
+    with torch.no_grad():
+        predicted = model(preprocess(np.stack([scene.image for scene in scenes]))).argmax(dim=1)
+    truth = torch.tensor([scene.labels[0] for scene in scenes])
+    assert (predicted == truth).float().mean().item() >= 0.9
