@@ -83,7 +83,7 @@ def main() -> None:
     """Export ResNet-50 (random init) to both backends and print the overhead table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--pairs", type=int, default=12, help="ABAB pairs per configuration")
+    parser.add_argument("--pairs", type=int, default=20, help="ABAB pairs per configuration")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--write", type=Path, help="update this markdown file's LaFAM-overhead section")
     args = parser.parse_args()

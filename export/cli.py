@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--backend", choices=("onnx", "torchscript", "both"), default="onnx")
     export.add_argument("--name", help="model name (default: from MODEL)")
     export.add_argument("--out", type=Path, default=Path("out/export"), help="output folder (default out/export)")
-    export.add_argument("--tolerance", type=float, help="max |eager - exported| allowed (default: see docs)")
+    export.add_argument(
+        "--tolerance", type=float, help="relative: max|eager - exported| <= T * max|eager| per output (default 1e-4)"
+    )
     export.add_argument("--archive", action="store_true", help="also build the .mar (first backend)")
     export.add_argument("--model-store", type=Path, default=Path("model_store"))
 

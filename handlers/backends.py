@@ -7,6 +7,7 @@ that passed verification is run by exactly the code that serves it.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +46,9 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             options.intra_op_num_threads = threads
+        # Idle intra-op threads would otherwise busy-wait after each run and steal the cores that decode,
+        # explain and encode the batch in this same process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -73,7 +77,9 @@ class TorchScriptBackend:
 
     def __init__(self, model_path: str | Path, output_names: list[str], device: torch.device) -> None:
         self.device = device
-        self._module = torch.jit.load(str(model_path), map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still ship it
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            self._module = torch.jit.load(str(model_path), map_location=device).eval()
         self._outputs = list(output_names)
 
     def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -174,7 +174,19 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        return cls(manifest, load_backend(manifest, folder, device))
+        service = cls(manifest, load_backend(manifest, folder, device))
+        service.warm_up()
+        return service
+
+    def warm_up(self, runs: int = 2) -> None:
+        """Run a blank batch so that the first request does not pay for graph optimisation.
+
+        TorchScript's profiling executor specialises the graph on its first two calls, and ONNX Runtime
+        allocates its arenas on the first; neither should land on a client's latency.
+        """
+        blank = torch.zeros(1, 3, *self.manifest.input_size)
+        for _ in range(runs):
+            self.backend.run(blank)
 
     def predict(self, requests: Sequence[Request]) -> list[Reply]:
         """Answer a batch: one :class:`Reply` per request, in order; never raises."""

@@ -31,23 +31,10 @@ from export.verify import (
 )
 from handlers.backends import INPUT_NAME, load_backend, output_names
 from handlers.manifest import MANIFEST_FILE, Manifest, sha256_file
+from tests.tiny_models import Encoder
 
 THIS = __name__
 TOLERANCE = DEFAULT_TOLERANCE
-
-
-def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = conv_block(3, 8, 2)
-        self.blocks = nn.Sequential(conv_block(8, 16, 2), conv_block(16, 16), conv_block(16, 16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
 
 
 class EncoderNet(nn.Module):

@@ -10,23 +10,10 @@ import torch
 from torch import nn
 
 from export.models import ActivationModel, ModelSpecError, find_default_layer, resolve_model
+from tests.tiny_models import Encoder
 
 SIZE = (64, 64)  # small enough for every model below to stay above 1x1 at its last stage
 THIS = __name__
-
-
-def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = conv_block(3, 8, 2)
-        self.blocks = nn.Sequential(conv_block(8, 16, 2), conv_block(16, 16), conv_block(16, 16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
 
 
 class StageNet(nn.Module):
