@@ -90,10 +90,10 @@ def run_demo(out: Path = Path("out"), model_store: Path = Path("model_store"), s
     server.start()
     try:
         print(f"   ready in {time.monotonic() - started:.1f} s; inference key read from {server.workdir}/key_file.json")
-        print(
-            f'   e.g. curl -H "Authorization: Bearer $(jq -r .inference.key {server.workdir}/key_file.json)" '
-            f"-T {images[0]} {server.url()}/predictions/{MODEL_NAME}"
-        )
+        key_file = server.workdir / "key_file.json"
+        print(f"""   while it runs, from a shell:
+     TOKEN=$(python -c 'import json; print(json.load(open("{key_file}"))["inference"]["key"])')
+     curl -H "Authorization: Bearer $TOKEN" -T {images[0]} {server.url()}/predictions/{MODEL_NAME}""")
         print("== 4. predictions + LaFAM maps (overlays → out/overlays/)")
         overlay_dir = out / "overlays"
         overlay_dir.mkdir(parents=True, exist_ok=True)

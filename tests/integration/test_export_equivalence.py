@@ -34,6 +34,7 @@ from handlers.manifest import MANIFEST_FILE, Manifest, sha256_file
 from tests.tiny_models import Encoder
 
 THIS = __name__
+pytestmark = pytest.mark.slow  # builds and exports nine model families
 TOLERANCE = DEFAULT_TOLERANCE
 
 

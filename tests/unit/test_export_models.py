@@ -71,6 +71,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
 # --- default layer ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
