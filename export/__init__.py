@@ -8,7 +8,7 @@ from export.exporter import IMAGENET_MEAN, IMAGENET_STD, ExportError, export_mod
 from export.models import ActivationModel, ModelSpecError, find_default_layer, resolve_model
 from export.onnx import OnnxExportError, export_onnx
 from export.torchscript import TorchScriptExportError, export_torchscript
-from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify, verify_report
+from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify_report
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -26,6 +26,5 @@ __all__ = [
     "export_torchscript",
     "find_default_layer",
     "resolve_model",
-    "verify",
     "verify_report",
 ]

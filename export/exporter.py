@@ -59,7 +59,7 @@ def export_model(
 
     Each ``out_dir/<backend>/`` receives the graph (``model.onnx`` or ``model.pt``), ``labels.txt`` when
     there are labels, and the manifest ``lafam.json`` (see :class:`handlers.manifest.Manifest`), written
-    only once the graph has passed :func:`export.verify.verify`. A manifest left by an earlier export in
+    only once the graph has passed :func:`export.verify.verify_report`. A manifest left by an earlier export in
     that folder is removed first, so it can never describe the new graph.
 
     Args:

@@ -83,28 +83,6 @@ class VerificationReport:
         }
 
 
-def verify(
-    reference: ActivationModel,
-    folder: str | Path,
-    manifest: Manifest,
-    *,
-    batch_sizes: Sequence[int] = (1, 3),
-    tolerance: float = DEFAULT_TOLERANCE,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Compare the graph in ``folder`` with the eager ``reference``; see :func:`verify_report`.
-
-    Returns:
-        The largest ``|eager - exported|`` over all batches, per output name.
-
-    Raises:
-        ValueError: for an empty ``batch_sizes`` or a non-positive ``tolerance``.
-        VerificationError: when an output is missing, has the wrong shape, or differs beyond the tolerance.
-    """
-    report = verify_report(reference, folder, manifest, batch_sizes=batch_sizes, tolerance=tolerance, seed=seed)
-    return report.max_abs_diff
-
-
 def verify_report(
     reference: ActivationModel,
     folder: str | Path,

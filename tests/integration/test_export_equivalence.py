@@ -26,7 +26,6 @@ from export.verify import (
     VerificationError,
     VerificationReport,
     allowed_difference,
-    verify,
     verify_report,
 )
 from handlers.backends import INPUT_NAME, load_backend, output_names
@@ -242,7 +241,7 @@ def test_onnx_graph_has_a_dynamic_batch_and_the_manifest_output_names(exported: 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_eager_torchscript_and_onnx_runtime_agree(exported: Exported, batch_size: int) -> None:
-    generator = torch.Generator().manual_seed(100 + batch_size)  # other inputs than verify()'s
+    generator = torch.Generator().manual_seed(100 + batch_size)  # other inputs than verify_report()'s
     batch = torch.randn(batch_size, 3, *exported.case.input_size, generator=generator)
     with torch.no_grad():
         eager = exported.reference(batch)
@@ -325,10 +324,10 @@ def test_verify_catches_the_wrong_layer(tmp_path: Path) -> None:
     manifest = Manifest.load(folder)
     torch.manual_seed(0)
     model = resolve_model(f"{THIS}:build_encoder_net", num_classes=4)
-    assert verify(ActivationModel(model, ["encoder.blocks.1"]), folder, manifest)
+    assert verify_report(ActivationModel(model, ["encoder.blocks.1"]), folder, manifest).max_abs_diff
     # encoder.blocks.2 has the same shape as encoder.blocks.1: only the values tell them apart.
     with pytest.raises(VerificationError, match=r"torchscript graph .*act_encoder_blocks_1: max\|diff\|"):
-        verify(ActivationModel(model, ["encoder.blocks.2"]), folder, manifest)
+        verify_report(ActivationModel(model, ["encoder.blocks.2"]), folder, manifest)
 
 
 def test_layers_returning_the_same_tensor_are_distinct_outputs(tmp_path: Path) -> None:
@@ -356,7 +355,7 @@ def test_verify_is_relative_to_small_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         model.head.bias.add_(2e-7)
     with pytest.raises(VerificationError, match=r"logits: max\|diff\| [0-9.e+-]+ > allowed"):
-        verify(ActivationModel(model, SMALL["layers"]), folder, manifest)  # type: ignore[arg-type]
+        verify_report(ActivationModel(model, SMALL["layers"]), folder, manifest)  # type: ignore[arg-type]
 
 
 # --- argument errors, raised before anything is written -----------------------------------------------------------
