@@ -112,9 +112,8 @@ def build_archive(
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
         shutil.copy2(export_dir / MANIFEST_FILE, staging / MANIFEST_FILE)
-        for extra in ("labels.txt",):
-            if (export_dir / extra).exists():
-                shutil.copy2(export_dir / extra, staging / extra)
+        if (export_dir / "labels.txt").exists():
+            shutil.copy2(export_dir / "labels.txt", staging / "labels.txt")
         entry = Path(staging_root) / "handler.py"
         entry.write_text(_ENTRY_POINT)
         config_file = Path(staging_root) / "model-config.yaml"

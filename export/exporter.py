@@ -16,16 +16,23 @@ from pathlib import Path
 import torch
 import torchvision
 
-from export.models import ActivationModel, find_default_layer, resolve_model
+from export.models import ActivationModel, check_input_size, find_default_layer, resolve_model
 from export.onnx import export_onnx
 from export.torchscript import export_torchscript
 from export.verify import DEFAULT_TOLERANCE, VerificationError, verify_report
-from handlers.manifest import BACKENDS, MANIFEST_FILE, LayerSpec, Manifest, output_name_for, sha256_file
+from handlers.manifest import (
+    BACKENDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MANIFEST_FILE,
+    LayerSpec,
+    Manifest,
+    output_name_for,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
 LABELS_FILE = "labels.txt"
 MAIN_OUTPUTS: dict[str, str] = {"classification": "logits", "embedding": "embedding"}
@@ -91,7 +98,7 @@ def export_model(
         VerificationError: when an exported graph does not match the eager model.
     """
     chosen = _check_backends(backends)
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size, allow_int=True, error=ExportError)
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if not tolerance > 0:
         raise ExportError(f"tolerance={tolerance!r} must be positive, e.g. {DEFAULT_TOLERANCE}")
@@ -231,13 +238,6 @@ def _check_output_names(layer_specs: Sequence[LayerSpec]) -> None:
             f"layers {' and '.join(map(repr, clashes[0]))} map to the same graph output name "
             f"{output_name_for(clashes[0][0])!r}; keep only one of them"
         )
-
-
-def _check_input_size(input_size: Sequence[int] | int) -> tuple[int, int]:
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise ExportError(f"input_size={input_size!r} must be (height, width), two positive integers")
-    return int(size[0]), int(size[1])
 
 
 def _three_floats(values: Sequence[float], argument: str) -> tuple[float, float, float]:

@@ -303,7 +303,7 @@ def find_default_layer(model: nn.Module, input_size: tuple[int, int] = (224, 224
     Raises:
         ModelSpecError: when the forward pass fails or no module qualifies.
     """
-    height, width = _check_input_size(input_size)
+    height, width = check_input_size(input_size)
     fired: list[tuple[str, Tensor]] = []
 
     def record(name: str, module: nn.Module, args: object, output: object) -> None:
@@ -352,14 +352,24 @@ def find_default_layer(model: nn.Module, input_size: tuple[int, int] = (224, 224
     return min(same, key=lambda name: name.count("."))
 
 
-def _check_input_size(input_size: Sequence[int]) -> tuple[int, int]:
+def check_input_size(
+    input_size: Sequence[int] | int, *, allow_int: bool = False, error: type[ValueError] = ModelSpecError
+) -> tuple[int, int]:
+    """Return ``(height, width)`` as ints, or raise ``error`` naming ``input_size``.
+
+    Args:
+        input_size: ``(H, W)``; also a single ``N`` for a square input when ``allow_int``.
+        allow_int: accept one integer for ``(N, N)``.
+        error: the ``ValueError`` subclass to raise.
+    """
+    size = (input_size, input_size) if allow_int and isinstance(input_size, int) else input_size
     if (
-        not isinstance(input_size, Sequence)
-        or len(input_size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
     ):
-        raise ModelSpecError(f"input_size={input_size!r} must be (height, width), two positive integers")
-    return int(input_size[0]), int(input_size[1])
+        raise error(f"input_size={input_size!r} must be (height, width), two positive integers")
+    return int(size[0]), int(size[1])
 
 
 class ActivationModel(nn.Module):
@@ -440,7 +450,7 @@ class ActivationModel(nn.Module):
 
     def layer_shapes(self, input_size: tuple[int, int] = (224, 224)) -> dict[str, tuple[int, int, int]]:
         """Return ``(C, h, w)`` of each layer's activations for an input of ``(H, W)``."""
-        height, width = _check_input_size(input_size)
+        height, width = check_input_size(input_size)
         parameter = next(self.parameters(), None)
         dummy = torch.zeros(1, 3, height, width, device=parameter.device if parameter is not None else "cpu")
         with torch.no_grad():

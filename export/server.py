@@ -120,8 +120,7 @@ class TorchServe:
             ServerError: when it is not ready within ``timeout`` seconds (the log tail is in the message).
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for stale in ("key_file.json",):
-            (self.workdir / stale).unlink(missing_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)  # readiness waits for a fresh one
         config = self._write_config()
         env = dict(os.environ)
         env.update(

@@ -17,6 +17,10 @@ from typing import Any, Literal
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "lafam.json"
 
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""The torchvision normalisation, the default ``mean``/``std`` of exports and explainers."""
+
 Task = Literal["classification", "embedding"]
 BackendName = Literal["onnx", "torchscript"]
 TASKS: tuple[str, ...] = ("classification", "embedding")

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..manifest import IMAGENET_MEAN, IMAGENET_STD
+
 FIRST_RULES = ("zbox", "flat")
 """Rules available for the first convolution."""
 
@@ -57,8 +59,6 @@ SUPPORTED = (
 )
 """The module types the layer list can be built from, for error messages."""
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Saved = Any
 
@@ -485,8 +485,8 @@ class LRP:
         first_rule: str = "zbox",
         epsilon: float = 1e-6,
         stabilizer: float = 1e-6,
-        mean: Sequence[float] = _IMAGENET_MEAN,
-        std: Sequence[float] = _IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if first_rule not in FIRST_RULES:
             raise ValueError(f"first_rule must be one of {', '.join(FIRST_RULES)}, got {first_rule!r}")
