@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks._report import section, write_section
 from export.exporter import export_model
 from handlers.service import LafamService, Request
 
@@ -105,24 +106,17 @@ def main() -> None:
                 print(rows[-1], flush=True)
     cpu = platform.processor() or platform.machine()
     header = (
-        f"{RESULTS_MARKER}\n## LaFAM overhead ({args.model}, random init, 224x224, JPEG 320x240 requests)\n\n"
+        f"## LaFAM overhead ({args.model}, random init, 224x224, JPEG 320x240 requests)\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
         f"no GPU. Median of {args.pairs} alternating pairs; overhead = median per-pair ratio − 1. The map is "
         "computed, upsampled (nearest) to 224x224 and PNG-encoded; 'reduction' is the LaFAM reduction alone.\n\n"
         "| backend | batch | handler ms, no map | handler ms, with map | overhead | reduction ms |\n"
         "|---|---|---|---|---|---|\n"
     )
-    table = header + "\n".join(rows) + f"\n{RESULTS_MARKER}\n"
+    table = section(header + "\n".join(rows), RESULTS_MARKER)
     print(table)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmark results\n\n"
-        if RESULTS_MARKER in text:
-            start = text.index(RESULTS_MARKER)
-            end = text.index(RESULTS_MARKER, start + 1) + len(RESULTS_MARKER) + 1
-            text = text[:start] + table + text[end:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        args.write.write_text(text)
+        write_section(args.write, table, RESULTS_MARKER)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def build_demo_archive(
     name: str = MODEL_NAME,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Export the shipped demo CNN with its ``block3`` activations and pack it into ``<model_store>/<name>.mar``."""
+    """Export the demo CNN (``block3`` activations, eager model too) into ``<model_store>/<name>.mar``."""
     folders = export_model(
         "demo.model:shapes_cnn",
         out / "export" / name,
@@ -46,6 +46,7 @@ def build_demo_archive(
         mean=demo_model.MEAN,
         std=demo_model.STD,
         name=name,
+        eager=True,
         log=log,
     )
     return build_archive(folders[backend], model_store, name=name, log=log)

@@ -9,6 +9,7 @@ was built and verified with, whatever version of lafam-serve is installed beside
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -74,6 +75,7 @@ def build_archive(
     name: str | None = None,
     version: str = "1.0",
     config: Mapping[str, Any] | None = None,
+    eager: bool = True,
     log: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Build ``<model_store>/<name>.mar`` from an export folder (graph + ``lafam.json`` [+ labels]).
@@ -84,6 +86,8 @@ def build_archive(
         name: model name in TorchServe (default: the manifest's name).
         version: archive version.
         config: model-config YAML content (default :func:`model_config`).
+        eager: pack the eager model when the export has one (``False`` leaves it out: smaller archive,
+            ``/explanations`` then offers LaFAM only).
         log: progress messages.
 
     Returns:
@@ -111,9 +115,20 @@ def build_archive(
             staging / RUNTIME_PACKAGE,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
-        shutil.copy2(export_dir / MANIFEST_FILE, staging / MANIFEST_FILE)
-        if (export_dir / "labels.txt").exists():
-            shutil.copy2(export_dir / "labels.txt", staging / "labels.txt")
+        if manifest.eager is not None and not eager:
+            code = f"{manifest.eager.code}/" if manifest.eager.code else None
+            checksums = {
+                f: digest
+                for f, digest in manifest.checksums.items()
+                if f != manifest.eager.state_dict and not (code and f.startswith(code))
+            }
+            manifest = dataclasses.replace(manifest, eager=None, checksums=checksums)
+            log("archive: leaving the eager model out (backward-pass explanations off)")
+        manifest.dump(staging / MANIFEST_FILE)
+        for file_name in manifest.checksums:
+            if file_name != manifest.model_file:
+                (staging / file_name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(export_dir / file_name, staging / file_name)
         entry = Path(staging_root) / "handler.py"
         entry.write_text(_ENTRY_POINT)
         config_file = Path(staging_root) / "model-config.yaml"
@@ -131,5 +146,9 @@ def build_archive(
             )
         )
     path = store / f"{name}.mar"
-    log(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB, {manifest.backend}, layers {manifest.layer_names})")
+    eager_note = f", eager {manifest.eager.architecture}" if manifest.eager else ""
+    log(
+        f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB, {manifest.backend}, layers {manifest.layer_names}"
+        f"{eager_note})"
+    )
     return path

@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--tolerance", type=float, help="relative: max|eager - exported| <= T * max|eager| per output (default 1e-4)"
     )
+    export.add_argument(
+        "--eager",
+        action="store_true",
+        help="also ship the eager model (state_dict + architecture) for backward-pass explanations on /explanations",
+    )
     export.add_argument("--archive", action="store_true", help="also build the .mar (first backend)")
     export.add_argument("--model-store", type=Path, default=Path("model_store"))
 
@@ -80,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument("--max-batch-delay", type=int, default=10, help="milliseconds")
     archive.add_argument("--workers", type=int, default=1)
     archive.add_argument("--version", default="1.0")
+    archive.add_argument(
+        "--no-eager", action="store_true", help="leave the export's eager model out (/explanations: LaFAM only)"
+    )
 
     demo = commands.add_parser("demo", help="build the demo model, serve it, query it, write overlays, stop")
     demo.add_argument("--out", type=Path, default=Path("out"))
@@ -111,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 task=args.task,
                 name=args.name,
                 tolerance=args.tolerance,
+                eager=args.eager,
                 log=print,
             )
             for backend, folder in folders.items():
@@ -127,7 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_workers=args.workers,
             )
             build_archive(
-                args.export_dir, args.model_store, name=args.name, version=args.version, config=config, log=print
+                args.export_dir,
+                args.model_store,
+                name=args.name,
+                version=args.version,
+                config=config,
+                eager=not args.no_eager,
+                log=print,
             )
         elif args.command == "demo":
             from demo.run import run_demo

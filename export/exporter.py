@@ -8,8 +8,11 @@ graph is left in place (for inspection) without a manifest and the error is rais
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import logging
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,11 +23,13 @@ from export.models import ActivationModel, check_input_size, find_default_layer,
 from export.onnx import export_onnx
 from export.torchscript import export_torchscript
 from export.verify import DEFAULT_TOLERANCE, VerificationError, verify_report
+from handlers.eager import build_architecture, head_path, load_eager
 from handlers.manifest import (
     BACKENDS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MANIFEST_FILE,
+    EagerSpec,
     LayerSpec,
     Manifest,
     output_name_for,
@@ -35,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.pt"}
 LABELS_FILE = "labels.txt"
+EAGER_FILE = "eager.pt"
+EAGER_CODE_DIR = "eager_code"
 MAIN_OUTPUTS: dict[str, str] = {"classification": "logits", "embedding": "embedding"}
 VERIFY_BATCH_SIZES: tuple[int, ...] = (1, 3)
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -60,6 +67,7 @@ def export_model(
     name: str | None = None,
     tolerance: float | None = None,
     opset: int | None = None,
+    eager: bool = False,
     log: Callable[[str], None] = logger.info,
 ) -> dict[str, Path]:
     """Export a model to verified graphs, one folder per backend.
@@ -87,6 +95,10 @@ def export_model(
         tolerance: verification tolerance, relative to each output's magnitude (rule in :mod:`export.verify`);
             ``None`` uses 1e-4.
         opset: ONNX opset; ``None`` uses the exporter's default.
+        eager: also write the eager model for backward-pass explanations (``/explanations``): its
+            state_dict (``eager.pt``) and, for a ``package.module:factory`` spec, the Python files of the
+            factory's top-level package (``eager_code/``); the rebuilt model is checked to give the same
+            output as the exported one's source.
         log: receives progress lines (``print`` works).
 
     Returns:
@@ -108,6 +120,7 @@ def export_model(
         raise ExportError("labels were given for task='embedding'; an embedding model has no classes, drop labels")
 
     model = resolve_model(spec, num_classes=num_classes, weights=weights, task=task)
+    eager_head = _dropped_head(spec, num_classes) if eager and task == "embedding" else None
     default_chosen = layers is None
     layer_names = [find_default_layer(model, size)] if layers is None else list(layers)
     reference = ActivationModel(model, layer_names)
@@ -155,11 +168,73 @@ def export_model(
             "torchvision_version": torchvision.__version__,
         },
     )
+    if eager:
+        draft = dataclasses.replace(
+            draft,
+            eager=EagerSpec(
+                architecture=spec.strip(),
+                state_dict=EAGER_FILE,
+                num_classes=num_classes,
+                head=eager_head,
+                code=EAGER_CODE_DIR if ":" in spec else None,
+            ),
+        )
     out = Path(out_dir)
     return {
         backend: _export_backend(reference, draft, backend, out / backend, tolerance=tolerance, opset=opset, log=log)
         for backend in chosen
     }
+
+
+def _dropped_head(spec: str, num_classes: int | None) -> str | None:
+    """The head :func:`~export.models.resolve_model` replaces by an Identity for an embedding (not a factory's)."""
+    return None if ":" in spec else head_path(build_architecture(spec.strip(), num_classes), spec)
+
+
+def _write_eager(reference: ActivationModel, draft: Manifest, folder: Path) -> dict[str, str]:
+    """Write the eager model's files into ``folder``; return their checksums by relative path.
+
+    The model is then rebuilt with :func:`handlers.eager.load_eager`, the code the worker runs, and must
+    give the reference's output bit for bit (same code, same weights, same CPU kernels).
+    """
+    spec = draft.eager
+    if spec is None:
+        return {}
+    code_root = folder / EAGER_CODE_DIR
+    if code_root.exists():
+        shutil.rmtree(code_root)
+    files = [folder / spec.state_dict]
+    torch.save(reference.model.state_dict(), files[0])
+    if spec.code is not None:
+        files += _copy_package(spec.architecture.partition(":")[0], code_root)
+    checksums = {path.relative_to(folder).as_posix(): sha256_file(path) for path in files}
+    rebuilt = load_eager(spec, folder)
+    x = torch.randn(2, 3, *draft.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(x)[0], rebuilt(x)
+    if not torch.equal(expected, got):
+        raise VerificationError(
+            f"the eager model rebuilt from {folder} differs from the exported one (max |diff| "
+            f"{float((expected - got).abs().max()):.3g}); its factory must build the same module every call"
+        )
+    return checksums
+
+
+def _copy_package(module_name: str, target: Path) -> list[Path]:
+    """Copy the Python files of ``module_name``'s top-level package (or module) into ``target``."""
+    top = importlib.import_module(module_name.partition(".")[0])
+    origin = Path(inspect.getfile(top))
+    target.mkdir(parents=True)
+    if origin.name != "__init__.py":
+        return [Path(shutil.copy2(origin, target / origin.name))]
+    copied = []
+    for source in sorted(origin.parent.rglob("*.py")):
+        if "__pycache__" in source.parts:
+            continue
+        destination = target / origin.parent.name / source.relative_to(origin.parent)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy2(source, destination)))
+    return copied
 
 
 def _export_backend(
@@ -184,6 +259,7 @@ def _export_backend(
         log(f"{backend}: removing {labels_path} of an earlier export (this model has no labels)")
         labels_path.unlink()
     graph_path = folder / GRAPH_FILES[backend]
+    eager_checksums = _write_eager(reference, draft, folder)
     names = [draft.main_output, *(spec.output for spec in draft.layers)]
     input_size = draft.input_size
 
@@ -192,7 +268,7 @@ def _export_backend(
             info = export_onnx(reference, graph_path, input_size, names, opset=opset, log=log)
         else:
             info = export_torchscript(reference, graph_path, input_size, freeze=freeze, log=log)
-        checksums = {graph_path.name: sha256_file(graph_path)}
+        checksums = {graph_path.name: sha256_file(graph_path), **eager_checksums}
         if draft.labels:
             checksums[LABELS_FILE] = sha256_file(labels_path)
         source = {**draft.source, "opset": None, **info}

@@ -8,26 +8,22 @@ only from an explicit state_dict file, so nothing is ever downloaded.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
-import importlib
-import inspect
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
+from handlers.eager import (
+    ArchitectureError,
+    build_architecture,
+    close_matches,
+    describe,
+    head_path,
+    strip_head,
+)
 from handlers.manifest import TASKS
-
-_IDENTIFIER_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-# Classification heads of torchvision models, by attribute name. For ``task="embedding"`` the last child
-# of the head (which must be a Linear) becomes an Identity, see ``_strip_head``.
-_HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "classifier", "head", "heads")
 
 _POOLING_LAYERS: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
@@ -49,28 +45,13 @@ _POOLING_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ArchitectureError):
     """A model spec, its weights or a layer name cannot be used; the message names the argument and the fix."""
-
-
-def _close_matches(word: str, candidates: Sequence[str], n: int = 5) -> list[str]:
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
 
 
 def _shorten(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dim()}-D tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def torchvision_model_names() -> list[str]:
-    """Return the names of torchvision's classification models, sorted."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def resolve_model(
@@ -122,109 +103,20 @@ def resolve_model(
         raise ModelSpecError(f"spec={spec!r} must be a torchvision model name or 'package.module:factory'")
     spec = spec.strip()
     from_torchvision = ":" not in spec
-    model = _build_torchvision(spec, num_classes) if from_torchvision else _build_from_factory(spec, num_classes)
-    head = _head_path(model, spec) if from_torchvision and task == "embedding" else None
+    try:
+        model = build_architecture(spec, num_classes)
+        head = head_path(model, spec) if from_torchvision and task == "embedding" else None
+    except ArchitectureError as exc:
+        raise ModelSpecError(str(exc)) from exc
     if weights is not None:
         state = _read_state_dict(weights)
         if head is not None and not any(key.startswith(head + ".") for key in state):
-            _strip_head(model, head)  # an encoder-only checkpoint: drop the head first so it loads strictly
+            strip_head(model, head)  # an encoder-only checkpoint: drop the head first so it loads strictly
             head = None
         _load_state_dict(model, state, spec=spec, weights=weights)
     if head is not None:
-        _strip_head(model, head)
+        strip_head(model, head)
     return model.eval()
-
-
-def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
-    known = torchvision_model_names()
-    key = name.lower()
-    if key not in known:
-        close = _close_matches(key, known)
-        hint = f"close matches: {', '.join(close)}; " if close else ""
-        own = " (for your own model write 'package.module:factory', with a colon)" if "." in name else ""
-        raise ModelSpecError(
-            f"spec={name!r} is not a torchvision classification model ({hint}see "
-            f"torchvision.models.list_models(module=torchvision.models)){own}"
-        )
-    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes is not None else {}
-    return torchvision.models.get_model(key, weights=None, **kwargs)
-
-
-def _build_from_factory(spec: str, num_classes: int | None) -> nn.Module:
-    module_name, _, attribute = spec.partition(":")
-    if not _IDENTIFIER_PATH.match(module_name) or not _IDENTIFIER_PATH.match(attribute):
-        raise ModelSpecError(
-            f"spec={spec!r} is not of the form 'package.module:factory' (dotted Python names on both sides of "
-            f"a single colon), e.g. 'mypkg.models:build_net'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(
-            f"spec={spec!r}: cannot import module {module_name!r} ({exc}); install it or run from the folder "
-            f"that contains it (or add that folder to PYTHONPATH)"
-        ) from exc
-    except Exception as exc:
-        raise ModelSpecError(f"spec={spec!r}: importing module {module_name!r} failed: {exc!r}") from exc
-    factory: Any = module
-    for part in attribute.split("."):
-        if not hasattr(factory, part):
-            public = [n for n in dir(factory) if not n.startswith("_")]
-            close = _close_matches(part, public)
-            hint = f" (close matches: {', '.join(close)})" if close else ""
-            raise ModelSpecError(f"spec={spec!r}: {module_name!r} has no attribute {attribute!r}{hint}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise ModelSpecError(f"spec={spec!r}: {attribute!r} is a {type(factory).__name__}, not a callable factory")
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        if not _accepts_keyword(factory, "num_classes"):
-            raise ModelSpecError(
-                f"num_classes={num_classes} was given but factory {spec!r} takes no num_classes argument; "
-                f"drop num_classes or add a num_classes parameter to the factory"
-            )
-        kwargs["num_classes"] = num_classes
-    model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(
-            f"spec={spec!r}: the factory returned {_describe(model)}, not a torch.nn.Module; make it return the "
-            f"model instance"
-        )
-    return model
-
-
-def _accepts_keyword(function: Any, name: str) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        or (p.name == name and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
-        for p in parameters
-    )
-
-
-def _head_path(model: nn.Module, spec: str) -> str:
-    """Return the module path of the final classification layer (``fc``, ``classifier.6``, ``heads.head``)."""
-    for attribute in _HEAD_ATTRIBUTES:
-        head = getattr(model, attribute, None)
-        if isinstance(head, nn.Linear):
-            return attribute
-        if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
-            last_child = [name for name, _ in head.named_children()][-1]
-            return f"{attribute}.{last_child}"
-    raise ModelSpecError(
-        f"task='embedding': cannot find the classification head of {spec!r} (looked for a Linear "
-        f"{', '.join(_HEAD_ATTRIBUTES)} or a Sequential ending in a Linear); use task='classification' or a "
-        f"'package.module:factory' that returns the encoder"
-    )
-
-
-def _strip_head(model: nn.Module, path: str) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, nn.Identity())
 
 
 def _read_state_dict(weights: str | Path) -> dict[str, Tensor]:
@@ -405,7 +297,7 @@ class ActivationModel(nn.Module):
         valid = [name for name, _ in model.named_modules() if name]
         for name in names:
             if name not in valid:
-                close = _close_matches(name, valid) or [n for n in valid if "." not in n][:8]
+                close = close_matches(name, valid) or [n for n in valid if "." not in n][:8]
                 raise ModelSpecError(
                     f"layer {name!r} is not a module of {type(model).__name__} (valid names include: "
                     f"{', '.join(close)}; see dict(model.named_modules()))"
@@ -423,7 +315,7 @@ class ActivationModel(nn.Module):
             return
         if not isinstance(output, Tensor) or output.dim() != 4:
             raise ModelSpecError(
-                f"layer {name!r} ({type(module).__name__}) returns {_describe(output)}; LaFAM needs a 4-D "
+                f"layer {name!r} ({type(module).__name__}) returns {describe(output)}; LaFAM needs a 4-D "
                 f"(N, C, h, w) activation: choose a convolutional module"
             )
         self._recording[name] = output.clone()
@@ -438,7 +330,7 @@ class ActivationModel(nn.Module):
             self._recording = None
         if not isinstance(main, Tensor):
             raise ModelSpecError(
-                f"{type(self.model).__name__} returns {_describe(main)}; the model must return one tensor "
+                f"{type(self.model).__name__} returns {describe(main)}; the model must return one tensor "
                 f"(logits or an embedding)"
             )
         silent = [name for name in self.layers if name not in recorded]

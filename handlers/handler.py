@@ -41,7 +41,13 @@ class LafamHandler:
         self.service = LafamService.from_folder(properties["model_dir"], device, config)
         metrics.start_exporter()
         self.initialized = True
-        logger.info("serving %s (%s) on %s", self.service.manifest.name, self.service.backend.name, device)
+        logger.info(
+            "serving %s (%s) on %s; /explanations methods: %s",
+            self.service.manifest.name,
+            self.service.backend.name,
+            device,
+            ", ".join(self.service.explain_methods),
+        )
 
     def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[str] | None:
         """Answer a batch; each request gets its own status and a compact JSON body."""
@@ -65,4 +71,6 @@ class LafamHandler:
                 content_types[key] = str(value.get("content-type") or "")
             else:
                 headers[str(key).lower()] = str(value)
-        return Request(parameters=item or {}, headers=headers, content_types=content_types)
+        # TorchServe marks requests to POST /explanations/{model} with this header (value "True")
+        explain = headers.get("explain", "").strip().lower() == "true"
+        return Request(parameters=item or {}, headers=headers, content_types=content_types, explain=explain)

@@ -71,6 +71,26 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class EagerSpec:
+    """The eager model an archive carries for backward-pass explanations (see :mod:`handlers.eager`).
+
+    Attributes:
+        architecture: torchvision model name or ``package.module:factory``.
+        num_classes: ``num_classes`` passed to the builder (``None``: its default).
+        head: module path replaced by ``nn.Identity`` after building (the head an embedding model drops).
+        state_dict: file (relative to the manifest) holding the weights.
+        code: folder (relative to the manifest) holding the factory's package, put first on ``sys.path``
+            while it is imported; ``None`` for torchvision models.
+    """
+
+    architecture: str
+    state_dict: str
+    num_classes: int | None = None
+    head: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the handler needs to serve an exported graph.
 
@@ -91,6 +111,7 @@ class Manifest:
         checksums: SHA-256 of the files next to the manifest, by file name.
         verification: max |eager - exported| per output and the tolerance it was held to.
         source: provenance (model spec, weights checksum, torch version, opset).
+        eager: the eager model shipped for backward-pass explanations, or ``None``.
         schema_version: manifest format version.
     """
 
@@ -110,6 +131,7 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    eager: EagerSpec | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -215,6 +237,8 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
         manifest = cls.from_dict(data)
+        if manifest.eager is not None and manifest.eager.state_dict not in manifest.checksums:
+            raise ManifestError(f"invalid manifest: eager.state_dict {manifest.eager.state_dict!r} is not in checksums")
         if verify_checksums:
             for file_name, expected in manifest.checksums.items():
                 target = path.parent / file_name
@@ -243,4 +267,5 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "labels": lambda value: tuple(str(v) for v in value),
     "layers": _layers,
     "defaults": lambda value: Defaults(**value),
+    "eager": lambda value: None if value is None else EagerSpec(**value),
 }

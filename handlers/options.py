@@ -8,12 +8,14 @@ over a header of the same option. Every option is validated once, here; an unkno
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidOption
+from .explain.distribution import TAU, TEMPERATURE
 from .manifest import Manifest
 
 HEADER_PREFIX = "x-lafam-"
@@ -21,6 +23,18 @@ FORMATS: tuple[str, ...] = ("png", "array", "none")
 UPSAMPLE_MODES: tuple[str, ...] = ("nearest", "bilinear")
 SIZE_KEYWORDS: tuple[str, ...] = ("input", "original")
 FORWARD_METHODS: tuple[str, ...] = ("lafam",)
+"""Methods of ``/predictions``: computed from the graph's forward pass."""
+BACKWARD_METHODS: tuple[str, ...] = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast")
+"""Methods that need the archive's eager model; served on ``/explanations`` only."""
+CLASS_METHODS: tuple[str, ...] = ("lrp_class", "gradcam", "distribution", "distribution_fast")
+"""Methods that explain chosen classes (classification models only)."""
+BASES: tuple[str, ...] = ("gradcam", "input_x_gradient", "lrp")
+"""Base attributions of the ``distribution`` methods (``distribution_fast``: ``lrp`` or ``input_x_gradient``)."""
+FAST_BASES: tuple[str, ...] = ("lrp", "input_x_gradient")
+DEFAULT_TOP_CLASSES: dict[str, int] = {"lrp_class": 1, "gradcam": 1, "distribution": 2, "distribution_fast": 2}
+"""Classes chosen by probability when the request names none (the paper's top-2 for distributions)."""
+_FLOAT_PATTERN = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MAX_MAP_SIDE = 4096
 _SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
 _INT_PATTERN = re.compile(r"^\s*-?[0-9]+\s*$")
@@ -37,6 +51,12 @@ class RequestOptions:
         format: ``png`` (8-bit grayscale, base64), ``array`` (floats at the layer's native size) or ``none``.
         upsample: ``nearest`` (as in the LaFAM paper) or ``bilinear``.
         size: ``input`` (model input size), ``original`` (the posted image's size) or ``(H, W)``.
+        classes: classes to explain, in order (class methods); ``None`` picks them by probability.
+        top_classes: how many of the most likely classes to explain when ``classes`` is ``None``.
+        least_likely: distributions add each image's least likely class to the competitors.
+        base: base attribution of the distribution methods.
+        temperature: softmax temperature T of the distributions.
+        tau: threshold τ of the distributions.
     """
 
     method: str
@@ -45,34 +65,84 @@ class RequestOptions:
     format: str
     upsample: str
     size: str | tuple[int, int]
+    classes: tuple[int, ...] | None = None
+    top_classes: int = 1
+    least_likely: bool = True
+    base: str = "gradcam"
+    temperature: float = TEMPERATURE
+    tau: float = TAU
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes a class method explains (or that compete, for distributions)."""
+        if self.classes is not None:
+            return len(self.classes)
+        return self.top_classes + int(self.least_likely and self.method.startswith("distribution"))
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(RequestOptions.__dataclass_fields__)
 
 
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+def _choice(name: str, value: Any, valid: tuple[str, ...], hint: str = "") -> str:
     if not isinstance(value, str) or value.strip().lower() not in valid:
         raise InvalidOption(
-            f"option {name!r} has invalid value {value!r}; valid values: {', '.join(valid)}",
+            f"option {name!r} has invalid value {value!r}; valid values: {', '.join(valid)}{hint}",
             option=name,
             valid=list(valid),
         )
     return value.strip().lower()
 
 
-def _top_k(value: Any, num_outputs: int) -> int:
-    number = value
+def _integer(value: Any) -> int | None:
     if isinstance(value, bool):
-        number = None
-    elif isinstance(value, str):
-        number = int(value) if _INT_PATTERN.match(value) else None
-    if not isinstance(number, int) or not 1 <= number <= num_outputs:
+        return None
+    if isinstance(value, str):
+        return int(value) if _INT_PATTERN.match(value) else None
+    return value if isinstance(value, int) else None
+
+
+def _bounded_int(name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    number = _integer(value)
+    if number is None or not low <= number <= high:
         raise InvalidOption(
-            f"option 'top_k' must be an integer from 1 to {num_outputs}, got {value!r}",
-            option="top_k",
-            valid=f"1..{num_outputs}",
+            f"option {name!r} must be an integer from {low} to {high}{why}, got {value!r}",
+            option=name,
+            valid=f"{low}..{high}",
         )
     return number
+
+
+def _number(name: str, value: Any, valid: Callable[[float], bool], rule: str) -> float:
+    number: Any = float(value) if isinstance(value, str) and _FLOAT_PATTERN.match(value) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not valid(number):
+        raise InvalidOption(f"option {name!r} must be a number {rule}, got {value!r}", option=name, valid=rule)
+    return float(number)
+
+
+def _positive_finite(value: float) -> bool:
+    return 0 < value < math.inf
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        return _BOOLEANS[value.strip().lower()]
+    raise InvalidOption(f"option {name!r} must be true or false, got {value!r}", option=name, valid=["true", "false"])
+
+
+def _classes(value: Any, num_outputs: int) -> tuple[int, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    numbers = [_integer(item) for item in items] if isinstance(items, list | tuple) else [None]
+    if not numbers or any(n is None or not 0 <= n < num_outputs for n in numbers):
+        raise InvalidOption(
+            f"option 'classes' must list class indices from 0 to {num_outputs - 1} ([3, 7] or '3,7'), got {value!r}",
+            option="classes",
+            valid=f"0..{num_outputs - 1}",
+        )
+    if len(set(numbers)) != len(numbers):
+        raise InvalidOption(f"option 'classes' repeats a class: {value!r}", option="classes")
+    return tuple(numbers)  # type: ignore[arg-type]  # None excluded above
 
 
 def _size(value: Any) -> str | tuple[int, int]:
@@ -120,6 +190,10 @@ def parse_options(
     headers: Mapping[str, str] | None = None,
     body: Mapping[str, Any] | None = None,
     methods: tuple[str, ...] = FORWARD_METHODS,
+    *,
+    bases: tuple[str, ...] = BASES,
+    max_classes: int = 10,
+    hint: str = "",
 ) -> RequestOptions:
     """Merge defaults, headers and body options, and validate them.
 
@@ -127,7 +201,11 @@ def parse_options(
         manifest: the served model's manifest (defaults, number of classes, layers).
         headers: request headers, any case; only ``X-LaFAM-*`` ones are read.
         body: the ``options`` object of a JSON request.
-        methods: methods valid on this endpoint.
+        methods: methods valid on this endpoint, the default first.
+        bases: distribution bases this model supports.
+        max_classes: the largest K for bases whose cost grows with K (input × gradient, LRP, ``lrp_class``);
+            Grad-CAM distributions accept every class.
+        hint: appended to the error for an invalid method (which endpoint serves the others).
 
     Raises:
         InvalidOption: an unknown option, or a value of the wrong type or out of range.
@@ -147,11 +225,37 @@ def parse_options(
             valid=list(OPTION_NAMES),
         )
     defaults = manifest.defaults
-    return RequestOptions(
-        method=_choice("method", raw.get("method", methods[0]), methods),
+    c = manifest.num_outputs
+    options = RequestOptions(
+        method=_choice("method", raw.get("method", methods[0]), methods, hint),
         layer=_layer(raw.get("layer", manifest.layer_names[0]), manifest),
-        top_k=_top_k(raw.get("top_k", min(defaults.top_k, manifest.num_outputs)), manifest.num_outputs),
+        top_k=_bounded_int("top_k", raw.get("top_k", min(defaults.top_k, c)), 1, c),
         format=_choice("format", raw.get("format", defaults.format), FORMATS),
         upsample=_choice("upsample", raw.get("upsample", defaults.upsample), UPSAMPLE_MODES),
         size=_size(raw.get("size", defaults.size)),
+    )
+    if options.method not in CLASS_METHODS:
+        return options
+    fast = options.method == "distribution_fast"
+    valid_bases = tuple(b for b in (FAST_BASES if fast else BASES) if b in bases)
+    base = _choice("base", raw.get("base", valid_bases[0]), valid_bases) if valid_bases else "gradcam"
+    least_likely = _boolean("least_likely", raw.get("least_likely", True))
+    costly = options.method == "lrp_class" or (options.method.startswith("distribution") and base != "gradcam")
+    most = min(c, max_classes) if costly and not fast else c
+    why = f" (K is capped at {most} for {options.method} with base {base}: its cost grows with K)" if most < c else ""
+    classes = _classes(raw["classes"], c) if "classes" in raw else None
+    if classes is not None and len(classes) > most:
+        raise InvalidOption(
+            f"option 'classes' names {len(classes)} classes; at most {most}{why}", option="classes", valid=f"1..{most}"
+        )
+    extra = int(least_likely and options.method.startswith("distribution"))
+    top = min(DEFAULT_TOP_CLASSES[options.method], most - extra)
+    return replace(
+        options,
+        classes=classes,
+        top_classes=_bounded_int("top_classes", raw.get("top_classes", top), 1, most - extra, why),
+        least_likely=least_likely,
+        base=base,
+        temperature=_number("temperature", raw.get("temperature", TEMPERATURE), _positive_finite, "> 0 (paper: 10)"),
+        tau=_number("tau", raw.get("tau", TAU), lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.01)"),
     )

@@ -23,18 +23,22 @@ import torch
 
 from . import metrics
 from .backends import Backend, load_backend
-from .encode import explanation_json, predictions_json
+from .eager import load_eager
+from .encode import explanation_header, explanation_json, map_data, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
 from .explain.lafam import lafam, resize_maps
+from .explainers import BackwardExplainer
 from .images import DecodedImage, decode
 from .manifest import Defaults, Manifest
-from .options import RequestOptions, parse_options
+from .options import FORWARD_METHODS, RequestOptions, parse_options
 
 logger = logging.getLogger(__name__)
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
 IMAGE_TYPES = ("image/", "application/octet-stream")
+SERVICE_KEYS = ("max_pixels", "max_classes", "eager")
+"""Keys of the model config's ``lafam`` section besides the option defaults."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,13 @@ class Request:
             multipart), values as bytes, or a parsed object for a JSON body.
         headers: request headers, names lower-cased.
         content_types: content type per parameter name.
+        explain: the request came to ``/explanations`` (backward-pass methods allowed).
     """
 
     parameters: Mapping[str, Any]
     headers: Mapping[str, str]
     content_types: Mapping[str, str]
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,15 +143,28 @@ def _from_json(body: Mapping[str, Any]) -> tuple[bytes, Mapping[str, Any] | None
 class LafamService:
     """Serve one exported model: predictions plus a LaFAM map from the same forward pass.
 
+    With an eager model (``explainer``), requests to ``/explanations`` may also ask for the backward-pass
+    methods (LRP, Grad-CAM, attribution distributions), run on the eager model per request.
+
     Args:
         manifest: the model's manifest.
         backend: the loaded graph.
+        explainer: the backward-pass methods, or ``None`` (``/explanations`` then serves LaFAM only).
+        max_classes: the largest K of methods whose cost grows with K.
     """
 
-    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+    def __init__(
+        self, manifest: Manifest, backend: Backend, explainer: BackwardExplainer | None = None, max_classes: int = 10
+    ) -> None:
         self.manifest = manifest
         self.backend = backend
+        self.explainer = explainer
+        self.max_classes = max_classes
         self._labels = {"model": manifest.name}
+        self.explain_methods = (*explainer.methods, *FORWARD_METHODS) if explainer else FORWARD_METHODS
+        self._explain_hint = (
+            "" if explainer else " (this archive has no eager model: export with --eager for backward-pass methods)"
+        )
 
     @classmethod
     def from_folder(
@@ -161,12 +180,21 @@ class LafamService:
         """
         manifest = Manifest.load(folder)
         config = dict(config or {})
-        unknown = sorted(set(config) - {"max_pixels", *Defaults.__dataclass_fields__})
+        unknown = sorted(set(config) - {*SERVICE_KEYS, *Defaults.__dataclass_fields__})
         if unknown:
             raise ValueError(
                 f"unknown key(s) {', '.join(unknown)} in the model config's 'lafam' section; valid: "
-                f"max_pixels, {', '.join(Defaults.__dataclass_fields__)}"
+                f"{', '.join(SERVICE_KEYS)}, {', '.join(Defaults.__dataclass_fields__)}"
             )
+        max_classes = config.pop("max_classes", 10)
+        if isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 1:
+            raise ValueError(
+                f"max_classes in the model config's 'lafam' section must be a positive int: {max_classes!r}"
+            )
+        explainer = None
+        if manifest.eager is not None and config.pop("eager", True) is not False:
+            explainer = BackwardExplainer(load_eager(manifest.eager, folder, device), manifest)
+        config.pop("eager", None)
         if config:
             max_pixels = int(config.pop("max_pixels", manifest.max_pixels))
             manifest = replace(manifest, max_pixels=max_pixels, defaults=replace(manifest.defaults, **config))
@@ -174,7 +202,7 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        service = cls(manifest, load_backend(manifest, folder, device))
+        service = cls(manifest, load_backend(manifest, folder, device), explainer, max_classes)
         service.warm_up()
         return service
 
@@ -213,7 +241,20 @@ class LafamService:
     def _prepare(self, index: int, request: Request) -> _Prepared:
         with metrics.timed(metrics.PREPROCESS_SECONDS, **self._labels):
             data, body_options = _payload(request)
-            options = parse_options(self.manifest, request.headers, body_options)
+            if request.explain:
+                methods, hint = self.explain_methods, self._explain_hint
+            else:
+                methods, hint = FORWARD_METHODS, " (backward-pass methods are served on POST /explanations/{model})"
+            bases = self.explainer.bases if self.explainer else ()
+            options = parse_options(
+                self.manifest,
+                request.headers,
+                body_options,
+                methods,
+                bases=bases,
+                max_classes=self.max_classes,
+                hint=hint,
+            )
             m = self.manifest
             image = decode(data, m.input_size, m.mean, m.std, m.max_pixels)
         return _Prepared(index=index, image=image, options=options)
@@ -230,7 +271,7 @@ class LafamService:
         reduce_seconds: dict[int, float] = {}
         wanted: dict[str, list[int]] = {}
         for row, item in enumerate(prepared):
-            if item.options.format != "none":
+            if item.options.format != "none" and item.options.method == "lafam":
                 wanted.setdefault(item.options.layer, []).append(row)
         for layer, rows in wanted.items():
             start = time.perf_counter()
@@ -244,28 +285,83 @@ class LafamService:
         replies = []
         for row, item in enumerate(prepared):
             body: dict[str, Any] = {"model": manifest.name}
-            if probabilities is not None:
-                body["predictions"] = predictions_json(probabilities[row], item.options.top_k, manifest.labels)
+            row_probabilities = probabilities[row] if probabilities is not None else None
+            if row_probabilities is not None:
+                body["predictions"] = predictions_json(row_probabilities, item.options.top_k, manifest.labels)
             else:
                 body["embedding"] = main[row].detach().float().cpu().tolist()
             body["explanation"] = None
-            if row in native_maps:
-                start = time.perf_counter()
-                body["explanation"] = self._explanation(native_maps[row], item)
-                seconds = reduce_seconds[row] + time.perf_counter() - start
-                metrics.observe(metrics.EXPLANATION_SECONDS, seconds, method=item.options.method, **self._labels)
-                metrics.count(metrics.EXPLANATIONS, method=item.options.method, **self._labels)
+            method = item.options.method
+            start = time.perf_counter()
+            try:
+                if row in native_maps:
+                    body["explanation"] = self._explanation(native_maps[row], item)
+                    start -= reduce_seconds[row]
+                elif item.options.format != "none":
+                    body["explanation"] = self._backward(item, row_probabilities)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                replies.append(self._failure(exc))
+                continue
+            if body["explanation"] is not None:
+                metrics.observe(metrics.EXPLANATION_SECONDS, time.perf_counter() - start, method=method, **self._labels)
+                metrics.count(metrics.EXPLANATIONS, method=method, **self._labels)
             replies.append(Reply(200, body))
         return replies
 
-    def _explanation(self, native: torch.Tensor, item: _Prepared) -> dict[str, Any]:
+    def _size(self, item: _Prepared) -> tuple[int, int]:
         options = item.options
         if options.size == "input":
-            size = self.manifest.input_size
-        elif options.size == "original":
-            size = item.image.original_size
-        else:
-            size = options.size
+            return self.manifest.input_size
+        if options.size == "original":
+            return item.image.original_size
+        return options.size
+
+    def _backward(self, item: _Prepared, probabilities: torch.Tensor | None) -> dict[str, Any]:
+        """Run a backward-pass method on the eager model and encode its map(s); signed maps (see ``encode``)."""
+        options = item.options
+        if self.explainer is None:  # options only admit these methods with an explainer
+            raise InvalidOption(f"method {options.method!r} needs the eager model{self._explain_hint}")
+        try:
+            result = self.explainer(item.image.tensor, options, probabilities)
+        except ValueError as exc:  # an option this model cannot honour (e.g. a layer LRP cannot seed at)
+            raise InvalidOption(f"method {options.method!r} cannot run with these options: {exc}") from exc
+        maps = result.maps.detach().float().cpu()
+        size = self._size(item)
+        resized = resize_maps(maps, size, options.upsample) if options.format == "png" else [None] * len(maps)
+        body = explanation_header(
+            method=options.method,
+            layer=result.layer,
+            fmt=options.format,
+            native=maps,
+            size=size,
+            upsample=options.upsample,
+        )
+        body["scale"] = "signed"
+        if result.classes is None:
+            body.update(map_data(options.format, maps[0], resized[0], signed=True))
+            return body
+        labels = self.manifest.labels
+        body["classes"] = [
+            {
+                "index": index,
+                "label": labels[index] if labels else str(index),
+                "probability": round(float(probabilities[index]), 6) if probabilities is not None else None,
+                **map_data(options.format, native, image, signed=True),
+            }
+            for index, native, image in zip(result.classes, maps, resized, strict=True)
+        ]
+        if options.method.startswith("distribution"):
+            body.update(
+                base=options.base,
+                temperature=options.temperature,
+                tau=options.tau,
+                competitors=list(result.competitors or ()),
+            )
+        return body
+
+    def _explanation(self, native: torch.Tensor, item: _Prepared) -> dict[str, Any]:
+        options = item.options
+        size = self._size(item)
         resized = resize_maps(native.unsqueeze(0), size, options.upsample)[0] if options.format == "png" else None
         return explanation_json(
             method=options.method,

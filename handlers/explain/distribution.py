@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from .gradients import Attribution, Base, GradCAM, check_classes, logits_of, resolve_layer
 from .lafam import resize_maps
+from .lrp import LRP
 
 TEMPERATURE = 10.0
 """The paper's softmax temperature T (reference code: ``temperature = 10.0``)."""
@@ -192,9 +193,7 @@ def explain(
     if not callable(base):
         raise TypeError(f"base must be callable as base(x, classes) -> (N, K, h, w), got {type(base).__name__}")
 
-    def select(logits: torch.Tensor) -> torch.Tensor:
-        return select_classes(torch.softmax(logits.float(), dim=1), top_k, add_least_likely, classes)
-
+    select = _selector(classes, top_k, add_least_likely)
     attribute = getattr(base, "attribute", None)
     if callable(attribute):
         result: Attribution = attribute(x, select)
@@ -210,6 +209,46 @@ def explain(
             f"got {getattr(maps, 'shape', type(maps).__name__)}"
         )
     return Distribution(attribution_distribution(maps, temperature, tau), chosen, torch.softmax(logits.float(), dim=1))
+
+
+def _layer_competition(
+    model: nn.Module,
+    x: torch.Tensor,
+    layer: str | nn.Module,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    temperature: float,
+    tau: float,
+    chunk_size: int,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target class's share M_t ⊙ 1[M_t − 1/K > τ] of the layer-level Grad-CAM competition.
+
+    Returns the mask ``(N, h, w)``, the classes ``(N, K)`` (target first) and the logits. With ``grad`` the
+    forward keeps the autograd graph from ``x`` (which must require grad) to the logits.
+    """
+    _check_temperature_tau(temperature, tau)
+    cam = GradCAM(model, resolve_layer(model, layer), chunk_size=chunk_size)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a float (N, C, H, W) batch, got {getattr(x, 'shape', type(x).__name__)}")
+    if grad:
+        with torch.enable_grad():
+            logits, acts, head = cam.forward(x)
+        chosen = select(logits.detach())
+        layer_maps = cam.maps(acts, logits, chosen, head)
+    else:
+        layer_maps, chosen, logits = cam.attribute(x, select)
+    weights = class_weights(layer_maps.detach(), temperature)[:, 0]
+    return weights * ((weights - 1.0 / chosen.shape[1]) > tau), chosen, logits
+
+
+def _selector(
+    classes: Sequence[int] | torch.Tensor | None, top_k: int, add_least_likely: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def select(logits: torch.Tensor) -> torch.Tensor:
+        return select_classes(torch.softmax(logits.float(), dim=1), top_k, add_least_likely, classes)
+
+    return select
 
 
 def fast_input_x_gradient(
@@ -258,25 +297,69 @@ def fast_input_x_gradient(
     Raises:
         ValueError: any bad argument.
     """
-    _check_temperature_tau(temperature, tau)
-    cam = GradCAM(model, resolve_layer(model, layer), chunk_size=chunk_size)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a float (N, C, H, W) batch, got {getattr(x, 'shape', type(x).__name__)}")
     if mode not in ("nearest", "bilinear"):
         raise ValueError(f"mode must be one of nearest, bilinear, got {mode!r}")
-
-    def select(logits: torch.Tensor) -> torch.Tensor:
-        return select_classes(torch.softmax(logits.float(), dim=1), top_k, add_least_likely, classes)
-
-    inputs = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits, acts, head = cam.forward(inputs)
-    chosen = select(logits.detach())
-    layer_maps = cam.maps(acts, logits, chosen, head)
-    weights = class_weights(layer_maps, temperature)[:, 0]
-    mask = weights * ((weights - 1.0 / chosen.shape[1]) > tau)
+    inputs = x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) else x
+    select = _selector(classes, top_k, add_least_likely)
+    mask, chosen, logits = _layer_competition(
+        model, inputs, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=True
+    )
     mask = resize_maps(mask.float(), tuple(x.shape[-2:]), mode).to(x.dtype)
     target = logits.gather(1, chosen[:, :1]).sum()
     (grads,) = torch.autograd.grad(target, inputs)
     maps = (grads * x.detach()).sum(dim=1) * mask
     return Distribution(maps[:, None], chosen, torch.softmax(logits.detach().float(), dim=1))
+
+
+def fast_lrp(
+    model: nn.Module,
+    lrp: LRP,
+    x: torch.Tensor,
+    layer: str,
+    *,
+    classes: Sequence[int] | torch.Tensor | None = None,
+    top_k: int = 2,
+    add_least_likely: bool = True,
+    temperature: float = TEMPERATURE,
+    tau: float = TAU,
+    chunk_size: int = 64,
+) -> Distribution:
+    r"""Fast attribution distribution for LRP: the classes compete at the layer, one LRP pass to the pixels.
+
+    For the FIRST selected class t of each image (the most likely one by default)::
+
+        G_k   = Grad-CAM map of class k at ``layer``                  (closed form when the head allows)
+        M_t   = softmax_k(T · |G_k|)[t] ⊙ 1[softmax_k(T · |G_k|)[t] − 1/K > τ]       (layer resolution)
+        R_t   = LRP relevance of logit t at ``layer``'s output, times M_t at every channel
+        map_t = R_t propagated to the pixels by the same LRP rules                    (ONE relevance pass)
+
+    For a head of global average pooling + linear (ResNets, the demo model), class k's LRP-ε relevance at
+    the layer, summed over channels, is ``G_k · y_k / (y_k − b_k)``: the competition is then that of LRP
+    itself at the layer, up to the bias share of each logit. The exact method (:func:`explain` with an LRP
+    base) runs K relevance passes and lets the classes compete per pixel; this one costs one Grad-CAM
+    forward, one LRP forward and one relevance pass whatever K.
+
+    Args:
+        model: the eager model (for the Grad-CAM competition).
+        lrp: an :class:`~.lrp.LRP` built from the same model.
+        x: input batch ``(N, 3, H, W)``.
+        layer: the convolutional layer where classes compete (a layer :attr:`LRP.layers` lists).
+        classes: explicit classes (first = target), see :func:`select_classes`.
+        top_k: number of most likely classes.
+        add_least_likely: append the least likely class.
+        temperature: softmax temperature T.
+        tau: threshold τ.
+        chunk_size: classes per batched backward of the layer-level Grad-CAM (if not closed form).
+
+    Returns:
+        :class:`Distribution` whose ``maps`` are ``(N, 1, H, W)`` for the target class ``classes[:, 0]``.
+
+    Raises:
+        ValueError: any bad argument.
+    """
+    select = _selector(classes, top_k, add_least_likely)
+    mask, chosen, logits = _layer_competition(
+        model, x, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=False
+    )
+    relevance = lrp.relevance(x, classes=chosen[:, 0], mask=(layer, mask))
+    return Distribution(relevance.maps[:, None], chosen, torch.softmax(logits.detach().float(), dim=1))

@@ -213,7 +213,7 @@ class _Linear(_Node):
 
     def relevance(self, r: torch.Tensor, saved: Saved) -> torch.Tensor:
         x, z, shape = saved
-        return (x * ((r / z) @ self.weight)).view(shape)
+        return (x * ((r / z) @ self.weight)).view(r.shape[:1] + shape[1:])
 
 
 class _ReLU(_Node):
@@ -316,8 +316,9 @@ class _Chain(_Node):
             saved.append(s)
         return x, saved
 
-    def relevance(self, r: torch.Tensor, saved: Saved) -> torch.Tensor:
-        for node, s in zip(reversed(self.nodes[: len(saved)]), reversed(saved), strict=True):
+    def relevance(self, r: torch.Tensor, saved: Saved, start: int = 0) -> torch.Tensor:
+        """Propagate ``r`` from the output of node ``len(saved) - 1`` down to the input of node ``start``."""
+        for node, s in zip(reversed(self.nodes[start : len(saved)]), reversed(saved[start:]), strict=True):
             r = node.relevance(r, s)
         return r
 
@@ -342,6 +343,18 @@ class _Residual(_Node):
         # by its input, and a label-free seed is y itself), so r / (y + eps) = 0 = r / stab(m + s) there too.
         ratio = r / (y + self.epsilon)
         return self.main.relevance(m * ratio, saved_m) + self.shortcut.relevance(s * ratio, saved_s)
+
+
+def _tile(saved: Saved, times: int) -> Saved:
+    """Repeat every saved tensor ``times`` times along the batch (sample-major), to run K seeds as one batch."""
+    if isinstance(saved, torch.Tensor):
+        tiled = saved.repeat_interleave(times, dim=0)
+        if saved.dim() == 4 and saved.is_contiguous(memory_format=torch.channels_last):
+            tiled = tiled.contiguous(memory_format=torch.channels_last)  # the convolutions' fast layout
+        return tiled
+    if isinstance(saved, list | tuple) and not isinstance(saved, torch.Size):
+        return type(saved)(_tile(item, times) for item in saved)
+    return saved  # None, or a shape whose batch size is taken from the relevance
 
 
 def _fold(layer: nn.Conv2d | nn.Linear, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -472,6 +485,10 @@ class LRP:
         stabilizer: the other rules' stabilizer, added to each denominator with its sign.
         mean: per-channel mean of the input normalisation (on [0, 1] pixels), for ZBox's bounds.
         std: per-channel standard deviation of the input normalisation, for ZBox's bounds.
+        chunk_size: classes per batched relevance pass of :meth:`for_classes` (memory ∝ chunk_size × the
+            activations kept by one forward). ``None``: 1 on the CPU, where tiling the kept activations costs
+            more than it saves (ResNet-50, 8 classes: 1.4 s batched against 0.85 s one by one, 2 cores), and
+            8 on a GPU, where one-image passes leave the device idle between kernel launches.
 
     Raises:
         ValueError: unknown ``first_rule``, non-positive ``epsilon``/``stabilizer``/``std``, a module type
@@ -487,7 +504,14 @@ class LRP:
         stabilizer: float = 1e-6,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        chunk_size: int | None = None,
     ) -> None:
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive int (classes per batched relevance pass), got {chunk_size!r}"
+            )
         if first_rule not in FIRST_RULES:
             raise ValueError(f"first_rule must be one of {', '.join(FIRST_RULES)}, got {first_rule!r}")
         if not epsilon > 0 or not stabilizer > 0:
@@ -495,6 +519,7 @@ class LRP:
         if len(mean) != len(std) or min(std) <= 0:
             raise ValueError(f"mean and std must have the same length and std > 0, got mean={mean}, std={std}")
         self._model = model
+        self.chunk_size = chunk_size
         builder = _Builder(epsilon, stabilizer)
         with torch.no_grad():
             builder.nodes("", model, builder.top, top=True)
@@ -549,7 +574,14 @@ class LRP:
         """
         return self.relevance(x, classes=classes).maps
 
-    def relevance(self, x: torch.Tensor, *, layer: str | None = None, classes: torch.Tensor | None = None) -> Relevance:
+    def relevance(
+        self,
+        x: torch.Tensor,
+        *,
+        layer: str | None = None,
+        classes: torch.Tensor | None = None,
+        mask: tuple[str, torch.Tensor] | None = None,
+    ) -> Relevance:
         """Run LRP seeded at ``layer``'s activations or at the logits of ``classes`` (exactly one of them).
 
         The forward runs once; per-class seeds reuse it (the relevance pass is linear in the seed).
@@ -558,17 +590,23 @@ class LRP:
             x: ``(N, C, H, W)`` normalised images.
             layer: module name to seed with its own activations (label-free).
             classes: ``(N,)`` or ``(N, K)`` integer class indices to seed with their logits.
+            mask: ``(layer, m)`` with ``m`` of shape ``(N, h, w)`` (``layer``'s spatial size), for ``(N,)``
+                classes only: the relevance reaching ``layer``'s output is multiplied by ``m`` (broadcast
+                over channels) before it goes on to the pixels. The returned ``seed`` is then the relevance
+                kept at ``layer``, which the maps conserve.
 
         Returns:
             The maps and the seeded totals (see :class:`Relevance`).
 
         Raises:
             ValueError: bad ``x``, unknown ``layer`` (with close matches), ``classes`` of the wrong shape,
-                dtype or out of range, both or neither of ``layer`` and ``classes``, or a model whose
-                forward is not the chain of its children.
+                dtype or out of range, both or neither of ``layer`` and ``classes``, a ``mask`` with ``(N, K)``
+                classes or of the wrong shape, or a model whose forward is not the chain of its children.
         """
         if (layer is None) == (classes is None):
             raise ValueError("pass exactly one of layer (label-free) or classes (per class)")
+        if mask is not None and (not isinstance(classes, torch.Tensor) or classes.dim() != 1):
+            raise ValueError("mask needs classes of shape (N,): one masked class per image")
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a float (N, C, H, W) tensor, got {shape}")
@@ -577,25 +615,51 @@ class LRP:
             if not self._checked:
                 self._check(x[:1])
             if layer is not None:
-                if layer not in self._ends:
-                    close = difflib.get_close_matches(layer, self._ends, n=3)
-                    valid = ", ".join(close) if close else ", ".join(self._ends)
-                    hint = f"; did you mean {valid}?" if close else f"; valid layers: {valid}"
-                    raise ValueError(f"layer {layer!r} is not a module LRP can seed at{hint}")
-                out, saved = self._chain.forward(x, stop=self._ends[layer])
+                out, saved = self._chain.forward(x, stop=self._end(layer))
                 maps = self._chain.relevance(out, saved).sum(1)
                 return Relevance(maps, out.flatten(1).sum(1))
             logits, saved = self._chain.forward(x)
             classes = self._check_classes(classes, logits)
+            if mask is not None:
+                return self._masked(logits, saved, classes, *mask)
             single = classes.dim() == 1
             classes = classes.view(classes.shape[0], -1)
             seeds = logits.gather(1, classes)
+            n, k = classes.shape
             maps = []
-            for k in range(classes.shape[1]):
-                r = torch.zeros_like(logits).scatter_(1, classes[:, k : k + 1], seeds[:, k : k + 1])
-                maps.append(self._chain.relevance(r, saved).sum(1))
-            stacked = torch.stack(maps, 1)
+            chunk = self.chunk_size or (1 if x.device.type == "cpu" else 8)
+            for start in range(0, k, chunk):  # chunks of classes, each ONE batched relevance pass
+                part = classes[:, start : start + chunk]
+                width = part.shape[1]
+                r = torch.zeros(n, width, logits.shape[1], dtype=logits.dtype, device=logits.device)
+                r.scatter_(2, part[..., None], seeds[:, start : start + width, None])
+                tiled = saved if width == 1 else _tile(saved, width)
+                maps.append(self._chain.relevance(r.view(n * width, -1), tiled).sum(1).view(n, width, *x.shape[2:]))
+            stacked = torch.cat(maps, 1)
             return Relevance(stacked[:, 0], seeds[:, 0]) if single else Relevance(stacked, seeds)
+
+    def _end(self, layer: str) -> int:
+        """Index in the layer list of the node whose output is ``layer``'s output."""
+        if layer not in self._ends:
+            close = difflib.get_close_matches(layer, self._ends, n=3)
+            valid = ", ".join(close) if close else ", ".join(self._ends)
+            hint = f"; did you mean {valid}?" if close else f"; valid layers: {valid}"
+            raise ValueError(f"layer {layer!r} is not a module LRP can seed at{hint}")
+        return self._ends[layer]
+
+    def _masked(
+        self, logits: torch.Tensor, saved: Saved, classes: torch.Tensor, layer: str, mask: torch.Tensor
+    ) -> Relevance:
+        stop = self._end(layer)
+        r = torch.zeros_like(logits).scatter_(1, classes[:, None], logits.gather(1, classes[:, None]))
+        r = self._chain.relevance(r, saved, start=stop + 1)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (r.shape[0], *r.shape[2:]):
+            raise ValueError(
+                f"mask for layer {layer!r} must have shape {(r.shape[0], *r.shape[2:])}, "
+                f"got {getattr(mask, 'shape', type(mask).__name__)}"
+            )
+        r = r * mask.to(r)[:, None]
+        return Relevance(self._chain.relevance(r, saved[: stop + 1]).sum(1), r.flatten(1).sum(1))
 
     @staticmethod
     def _check_classes(classes: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
