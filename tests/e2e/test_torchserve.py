@@ -180,10 +180,72 @@ def test_model_api_is_off(server: TorchServe) -> None:
     assert error.value.code in (400, 403, 405)
 
 
+def explain(server: TorchServe, model: str, data: bytes, **headers: str) -> tuple[int, dict]:
+    return call(server, f"/explanations/{model}", data, {"Content-Type": "image/png", **headers})
+
+
+def _decoded(entry: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["data"]))), dtype=np.float32)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_explanations_endpoint_serves_backward_methods(server: TorchServe, samples: list[dict], model: str) -> None:
+    single = [s for s in samples if len(s["labels"]) == 1][:4]
+    inside_higher = 0
+    for sample in single:
+        status, body = explain(server, model, sample["path"].read_bytes())  # default method: label-free LRP
+        assert status == 200, body
+        explanation = body["explanation"]
+        assert (explanation["method"], explanation["scale"], explanation["native_size"]) == (
+            "lrp",
+            "signed",
+            [128, 128],
+        )
+        relevance = _decoded(explanation) - 128.0  # png: 128 + 127 * r / max|r|
+        mask = sample["masks"][0]
+        inside_higher += relevance[mask].mean() > relevance[~mask].mean()
+    assert inside_higher >= len(single) - 1  # LRP lands on the object too
+
+    data = samples[0]["path"].read_bytes()
+    status, body = explain(server, model, data, **{"X-LaFAM-Method": "distribution", "X-LaFAM-Base": "lrp"})
+    assert status == 200, body
+    explanation = body["explanation"]
+    top = [p["index"] for p in body["predictions"]]
+    assert [c["index"] for c in explanation["classes"]] == top[:2]  # the maps explain the served predictions
+    assert explanation["competitors"][:2] == top[:2]
+    assert len(explanation["competitors"]) == 3  # top-2 + the least likely class
+    assert all(_decoded(c).shape == (128, 128) for c in explanation["classes"])
+
+    status, body = explain(server, model, data, **{"X-LaFAM-Method": "distribution_fast", "X-LaFAM-Format": "array"})
+    assert status == 200, body
+    assert np.asarray(body["explanation"]["classes"][0]["data"]).shape == (128, 128)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "headers", "needle"),
+    [
+        ("predictions", {"X-LaFAM-Method": "lrp"}, "/explanations"),
+        ("explanations", {"X-LaFAM-Method": "shap"}, "distribution_fast"),
+        ("explanations", {"X-LaFAM-Method": "lrp_class", "X-LaFAM-Classes": "6"}, "0 to 5"),
+        ("explanations", {"X-LaFAM-Method": "distribution", "X-LaFAM-Base": "lrp", "X-LaFAM-Top-Classes": "9"}, "1 to"),
+    ],
+    ids=["backward-on-predictions", "unknown-method", "class-out-of-range", "k-too-large"],
+)
+def test_explanation_options_are_validated(
+    server: TorchServe, samples: list[dict], endpoint: str, headers: dict, needle: str
+) -> None:
+    status, body = call(
+        server, f"/{endpoint}/shapes", samples[0]["path"].read_bytes(), {"Content-Type": "image/png", **headers}
+    )
+    assert (status, body["error"]["code"]) == (400, "invalid_option"), body
+    assert needle in body["error"]["message"]
+
+
 def test_explanation_metrics_on_one_scrape_target(server: TorchServe, samples: list[dict]) -> None:
     predict(server, "shapes", samples[0]["path"].read_bytes())
     predict(server, "shapes-ts", samples[0]["path"].read_bytes())
     predict(server, "shapes", b"junk")
+    explain(server, "shapes", samples[0]["path"].read_bytes(), **{"X-LaFAM-Method": "gradcam"})
     with urllib.request.urlopen(server.url("lafam_metrics") + "/metrics", timeout=10) as response:
         text = response.read().decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
@@ -192,6 +254,7 @@ def test_explanation_metrics_on_one_scrape_target(server: TorchServe, samples: l
     counts = {(s.labels["model"], s.labels["method"]): s.value for s in histogram.samples if s.name.endswith("_count")}
     assert counts[("shapes", "lafam")] >= 1
     assert counts[("shapes-ts", "lafam")] >= 1  # both models' workers, one endpoint
+    assert counts[("shapes", "gradcam")] >= 1  # each method in the same histogram
     bounds = {float(s.labels["le"]) for s in histogram.samples if s.name.endswith("_bucket")}
     assert min(bounds) < 0.001  # sub-millisecond resolution
     errors = {(s.labels["model"], s.labels["code"]): s.value for s in families["lafam_errors"].samples}
