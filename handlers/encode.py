@@ -26,7 +26,8 @@ def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, si
 
     A LaFAM map is already in [0, 1]. A signed map (LRP, Grad-CAM, distributions) is divided by its largest
     absolute value ``max_abs`` (reported, so raw values can be recovered): ``array`` data then lies in
-    [-1, 1], and a ``png`` pixel is ``128 + 127 · value`` (128 means 0, white the most positive evidence).
+    [-1, 1], and a ``png`` pixel is ``round(255 · (1 + value) / 2)``: 0 the most negative, 128 no evidence,
+    255 the most positive.
 
     Args:
         fmt: ``png`` or ``array``.

@@ -234,10 +234,10 @@ def parse_options(
         upsample=_choice("upsample", raw.get("upsample", defaults.upsample), UPSAMPLE_MODES),
         size=_size(raw.get("size", defaults.size)),
     )
-    if options.method not in CLASS_METHODS:
-        return options
+    # Class options are validated whatever the method (a malformed one is a 400 even where it is unused).
+    class_method = options.method in CLASS_METHODS
     fast = options.method == "distribution_fast"
-    valid_bases = tuple(b for b in (FAST_BASES if fast else BASES) if b in bases)
+    valid_bases = tuple(b for b in (FAST_BASES if fast else BASES) if b in bases or not class_method)
     base = _choice("base", raw.get("base", valid_bases[0]), valid_bases) if valid_bases else "gradcam"
     least_likely = _boolean("least_likely", raw.get("least_likely", True))
     costly = options.method == "lrp_class" or (options.method.startswith("distribution") and base != "gradcam")
@@ -249,7 +249,7 @@ def parse_options(
             f"option 'classes' names {len(classes)} classes; at most {most}{why}", option="classes", valid=f"1..{most}"
         )
     extra = int(least_likely and options.method.startswith("distribution"))
-    top = min(DEFAULT_TOP_CLASSES[options.method], most - extra)
+    top = min(DEFAULT_TOP_CLASSES.get(options.method, 1), most - extra)
     return replace(
         options,
         classes=classes,

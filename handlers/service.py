@@ -340,11 +340,10 @@ class LafamService:
         if result.classes is None:
             body.update(map_data(options.format, maps[0], resized[0], signed=True))
             return body
-        labels = self.manifest.labels
         body["classes"] = [
             {
                 "index": index,
-                "label": labels[index] if labels else str(index),
+                "label": self.manifest.label(index),
                 "probability": round(float(probabilities[index]), 6) if probabilities is not None else None,
                 **map_data(options.format, native, image, signed=True),
             }

@@ -201,7 +201,7 @@ def test_explanations_endpoint_serves_backward_methods(server: TorchServe, sampl
             "signed",
             [128, 128],
         )
-        relevance = _decoded(explanation) - 128.0  # png: 128 + 127 * r / max|r|
+        relevance = _decoded(explanation) - 127.5  # png: round(255 * (1 + r / max|r|) / 2)
         mask = sample["masks"][0]
         inside_higher += relevance[mask].mean() > relevance[~mask].mean()
     assert inside_higher >= len(single) - 1  # LRP lands on the object too

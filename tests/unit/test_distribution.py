@@ -7,6 +7,7 @@ autograd, closed form vs autograd, vectorised vs scalar loops); ``EXACT`` where 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,12 @@ from handlers.explain.distribution import (
     class_weights,
     explain,
     fast_input_x_gradient,
+    fast_lrp,
     select_classes,
 )
 from handlers.explain.gradients import GradCAM, InputXGradient, capture, resolve_layer
 from handlers.explain.lafam import resize_maps
+from handlers.explain.lrp import LRP
 
 LOOSE = {"rtol": 0.0, "atol": 1e-5}
 EXACT = {"rtol": 0.0, "atol": 0.0}
@@ -441,11 +444,110 @@ def test_layer_must_run_once(convhead: nn.Module) -> None:
 
 
 def test_explain_with_lrp_base_equals_slow_reference(resnet: nn.Module) -> None:
-    from handlers.explain.lrp import LRP
-
     x = _x(1, 32)
     lrp = LRP(resnet)
     result = explain(resnet, x, lrp.for_classes, top_k=2)
     reference = _slow_distribution(lrp.for_classes(x, result.classes), TEMPERATURE, TAU)
     assert result.maps.shape == (1, 3, 32, 32)
     torch.testing.assert_close(result.maps, reference, **LOOSE)
+
+
+# ---- fast LRP distribution ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, two threads make LRP ~30x slower (oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _slow_fast_lrp(
+    model: nn.Module, lrp: LRP, x: torch.Tensor, layer: str, classes: torch.Tensor, temperature: float, tau: float
+) -> torch.Tensor:
+    """The docstring's formula: K looped Grad-CAM maps, M_t with explicit loops, then ONE masked LRP pass."""
+    cams = _looped_grads(model, x, classes, layer).double()
+    n, k, h, w = cams.shape
+    mask = torch.zeros(n, h, w, dtype=torch.float64)
+    for i in range(n):
+        for r in range(h):
+            for s in range(w):
+                scores = [temperature * abs(float(cams[i, c, r, s])) for c in range(k)]
+                exps = [math.exp(v - max(scores)) for v in scores]
+                m = exps[0] / sum(exps)
+                mask[i, r, s] = m if m - 1.0 / k > tau else 0.0
+    return lrp.relevance(x, classes=classes[:, 0], mask=(layer, mask.float())).maps[:, None]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])  # closed-form Grad-CAM at layer4, autograd at layer3
+def test_fast_lrp_equals_slow_reference(resnet: nn.Module, layer: str) -> None:
+    x = _x(2, 64, seed=3)
+    lrp = LRP(resnet)
+    result = fast_lrp(resnet, lrp, x, layer)
+    assert result.maps.shape == (2, 1, 64, 64)
+    assert result.classes.shape == (2, 3)
+    with torch.no_grad():
+        logits = resnet(x)
+    torch.testing.assert_close(result.probabilities, torch.softmax(logits, 1), **LOOSE)
+    order = logits.argsort(1, descending=True)
+    assert torch.equal(result.classes, torch.cat([order[:, :2], order[:, -1:]], 1))  # target first
+    reference = _slow_fast_lrp(resnet, lrp, x, layer, result.classes, TEMPERATURE, TAU)
+    assert reference.abs().max() > 0
+    # Closed form / batched autograd vs looped autograd decide the same mask; 1e-5 of the largest relevance.
+    torch.testing.assert_close(result.maps, reference, rtol=0.0, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_lrp_explicit_classes_and_parameters(resnet: nn.Module) -> None:
+    x = _x(1, 64, seed=4)
+    lrp = LRP(resnet)
+    classes = torch.tensor([[7, 2, 5, 0]])
+    result = fast_lrp(resnet, lrp, x, "layer4", classes=classes[0].tolist(), temperature=3.0, tau=0.05)
+    assert torch.equal(result.classes, classes)
+    reference = _slow_fast_lrp(resnet, lrp, x, "layer4", classes, 3.0, 0.05)
+    torch.testing.assert_close(result.maps, reference, rtol=0.0, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_lrp_single_class_is_empty(resnet: nn.Module) -> None:
+    # K = 1: M = 1 and M - 1/K = 0 is never > tau, so the mask (and the map) is zero everywhere (exact).
+    result = fast_lrp(resnet, LRP(resnet), _x(1, 64), "layer4", classes=[3])
+    assert result.maps.shape == (1, 1, 64, 64)
+    assert not result.maps.any()
+    result = fast_lrp(resnet, LRP(resnet), _x(1, 64), "layer4", top_k=1, add_least_likely=False)
+    assert not result.maps.any()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_lrp_leaves_the_model_untouched(resnet: nn.Module) -> None:
+    x = _x(2, 64, seed=5)
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    with torch.no_grad():
+        before = resnet(x)
+    fast_lrp(resnet, LRP(resnet), x, "layer4")
+    fast_lrp(resnet, LRP(resnet), x, "layer3", classes=[1, 2])
+    with torch.no_grad():
+        assert torch.equal(resnet(x), before)
+    assert state.keys() == resnet.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in resnet.state_dict().items())
+    assert all(p.grad is None for p in resnet.parameters())
+    for module in resnet.modules():
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+        assert not any(hooks)
+    assert not resnet.training
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_lrp_rejects_bad_arguments(resnet: nn.Module) -> None:
+    lrp = LRP(resnet)
+    with pytest.raises(ValueError, match="temperature"):
+        fast_lrp(resnet, lrp, _x(1, 32), "layer4", temperature=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        fast_lrp(resnet, lrp, _x(1, 32), "layer4", tau=1.0)
+    with pytest.raises(ValueError, match="layer"):
+        fast_lrp(resnet, lrp, _x(1, 32), "layer9")
+    with pytest.raises(ValueError, match="repeat"):
+        fast_lrp(resnet, lrp, _x(1, 32), "layer4", classes=[1, 1])

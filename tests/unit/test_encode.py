@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.encode import ARRAY_DECIMALS, explanation_json, png_base64, predictions_json
+from handlers.encode import ARRAY_DECIMALS, explanation_json, map_data, png_base64, predictions_json
 
 
 def decode_png(data: str) -> Image.Image:
@@ -127,3 +127,61 @@ def test_predictions_round_to_six_decimals_and_are_plain_types() -> None:
 
 def test_predictions_top_1() -> None:
     assert predictions_json(torch.tensor([0.3, 0.7]), 1, ("a", "b")) == [{"index": 1, "label": "b", "probability": 0.7}]
+
+
+# signed maps (backward-pass methods)
+
+
+def test_signed_zero_map_is_mid_gray_with_max_abs_zero() -> None:
+    zeros = torch.zeros(3, 4)
+    entry = map_data("png", zeros, torch.zeros(6, 8), signed=True)
+    assert entry["max_abs"] == 0.0
+    pixels = np.asarray(decode_png(entry["data"]))
+    assert pixels.shape == (6, 8)
+    assert (pixels == 128).all()
+    entry = map_data("array", zeros, None, signed=True)
+    assert entry == {"max_abs": 0.0, "data": [[0.0] * 4] * 3}
+
+
+def test_signed_png_levels() -> None:
+    native = torch.tensor([[-2.0, 0.0, 2.0, 1.0, -1.0]])
+    entry = map_data("png", native, native, signed=True)
+    assert entry["max_abs"] == 2.0
+    # pixel = floor(255 * (0.5 + v / (2 max_abs)) + 0.5): -1 → 0, 0 → 128 (127.5 rounds up), 1 → 255,
+    # 0.5 → floor(191.75) = 191, -0.5 → floor(64.25) = 64. (The map_data docstring says 128 + 127·v, which
+    # would give 1 for -max_abs and 191.5 for 0.5: the code's rule is 127.5 · (1 + v), rounded half up.)
+    np.testing.assert_array_equal(np.asarray(decode_png(entry["data"])), [[0, 128, 255, 191, 64]])
+
+
+def test_signed_png_scale_comes_from_the_native_map() -> None:
+    native = torch.tensor([[-4.0, 1.0]])
+    resized = torch.tensor([[-4.0, -4.0, 1.0, 1.0]])
+    entry = map_data("png", native, resized, signed=True)
+    assert entry["max_abs"] == 4.0
+    # -1 → 0; 0.25 → floor(255 * 0.625 + 0.5) = 159
+    np.testing.assert_array_equal(np.asarray(decode_png(entry["data"])), [[0, 0, 159, 159]])
+
+
+def test_signed_array_is_divided_by_max_abs() -> None:
+    native = torch.tensor([[-3.0, 1.5], [0.0, 0.75]])
+    entry = map_data("array", native, None, signed=True)
+    assert entry == {"max_abs": 3.0, "data": [[-1.0, 0.5], [0.0, 0.25]]}
+    small = torch.tensor([[1e-3, -3e-9]])
+    entry = map_data("array", small, None, signed=True)
+    assert entry["max_abs"] == pytest.approx(1e-3, rel=1e-6)  # float32 input, rounded to 8 decimals
+    assert entry["data"] == [[1.0, -0.0]]  # -3e-6 relative rounds to 5 decimals
+    assert json.loads(json.dumps(entry)) == entry
+
+
+def test_unsigned_maps_are_unchanged() -> None:
+    native = torch.tensor([[0.0, 0.25], [0.5, 1.0]])
+    entry = map_data("array", native, None, signed=False)
+    assert entry == {"data": [[0.0, 0.25], [0.5, 1.0]]}
+    entry = map_data("png", native, native, signed=False)
+    assert set(entry) == {"data"}
+    assert entry["data"] == png_base64(native)
+
+
+def test_png_needs_the_resized_map() -> None:
+    with pytest.raises(ValueError, match="png explanation needs the resized map"):
+        map_data("png", torch.zeros(2, 2), None, signed=True)

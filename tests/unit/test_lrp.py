@@ -445,3 +445,86 @@ def test_demo_label_free_map_favours_the_object():
         mask = torch.from_numpy(scene.masks.any(0))
         wins += bool(relevance[mask].mean() > relevance[~mask].mean())
     assert wins >= 8
+
+
+# --- batched classes, masks at a layer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "sequential"])
+def test_chunked_classes_equal_one_class_per_pass(arch):
+    if arch == "resnet18":
+        model, side = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10)), 64
+    else:
+        model, side = randomize_bn(small_net()), 32
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([[0, 3, 1, 4, 2], [4, 2, 0, 1, 3]])  # K = 5: chunks of 3 then 2
+    one = LRP(model, chunk_size=1).relevance(x, classes=classes)
+    three = LRP(model, chunk_size=3).relevance(x, classes=classes)
+    assert three.maps.shape == (2, 5, side, side)
+    # Same rules, one tiled pass instead of five: float32 reordering only, 1e-5 relative to the largest value.
+    torch.testing.assert_close(three.maps, one.maps, rtol=0.0, atol=1e-5 * float(one.maps.abs().max()))
+    torch.testing.assert_close(three.seed, one.seed, rtol=0.0, atol=0.0)
+
+
+def layer_size(model: nn.Module, layer: str, x: torch.Tensor) -> tuple[int, int]:
+    """The spatial size ``(h, w)`` of ``layer``'s output for ``x``."""
+    sizes = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[2:]))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return tuple(sizes[0])
+
+
+@pytest.mark.parametrize(("arch", "layer"), [("sequential", "6"), ("resnet18", "layer3")])
+def test_mask_of_ones_is_the_unmasked_relevance(arch, layer):
+    if arch == "resnet18":
+        model, side = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10)), 64
+    else:
+        model, side = randomize_bn(small_net()), 32
+    lrp = LRP(model)
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(5))
+    classes = torch.tensor([1, 4])
+    plain = lrp.relevance(x, classes=classes)
+    ones = torch.ones(2, *layer_size(model, layer, x))
+    masked = lrp.relevance(x, classes=classes, mask=(layer, ones))
+    # The relevance pass is split in two at the layer: float32 reordering only, 1e-5 of the largest value.
+    torch.testing.assert_close(masked.maps, plain.maps, rtol=0.0, atol=1e-5 * float(plain.maps.abs().max()))
+
+
+def test_masked_relevance_is_conserved_from_the_layer():
+    model = randomize_bn(small_net(bias=False), zero_shift=True)
+    lrp = LRP(model)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6)).clamp(-2.0, 2.0)
+    mask = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(7))  # layer "6": 12 x 16 x 16 at 32 px
+    result = lrp.relevance(x, classes=torch.tensor([0, 2, 4]), mask=("6", mask))
+    assert result.maps.shape == (3, 32, 32)
+    assert result.seed.shape == (3,)
+    # No biases, no BN shift: the relevance kept at the layer reaches the pixels (tolerance as label-free LRP).
+    torch.testing.assert_close(result.maps.sum((1, 2)), result.seed, rtol=1e-4, atol=1e-5)
+    unmasked = lrp.relevance(x, classes=torch.tensor([0, 2, 4]))
+    assert not torch.allclose(result.maps, unmasked.maps)
+
+
+def test_mask_rejects_wrong_shapes_and_k_classes(seq_lrp):
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"mask for layer '6' must have shape \(2, 16, 16\)"):
+        seq_lrp.relevance(x, classes=torch.tensor([0, 1]), mask=("6", torch.ones(2, 4, 4)))
+    with pytest.raises(ValueError, match=r"mask for layer '6' must have shape"):
+        seq_lrp.relevance(x, classes=torch.tensor([0, 1]), mask=("6", torch.ones(1, 16, 16)))
+    with pytest.raises(ValueError, match=r"mask for layer '6' must have shape"):
+        seq_lrp.relevance(x, classes=torch.tensor([0, 1]), mask=("6", [[1.0]]))
+    with pytest.raises(ValueError, match=r"mask needs classes of shape \(N,\)"):
+        seq_lrp.relevance(x, classes=torch.tensor([[0, 1], [1, 2]]), mask=("6", torch.ones(2, 16, 16)))
+    with pytest.raises(ValueError, match=r"mask needs classes of shape \(N,\)"):
+        seq_lrp.relevance(x, layer="6", mask=("6", torch.ones(2, 16, 16)))
+    with pytest.raises(ValueError, match=r"layer 'nope' is not a module LRP can seed at"):
+        seq_lrp.relevance(x, classes=torch.tensor([0, 1]), mask=("nope", torch.ones(2, 16, 16)))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, True, 1.5, "2"])
+def test_bad_chunk_size_raises(chunk_size):
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
+        LRP(small_net(), chunk_size=chunk_size)

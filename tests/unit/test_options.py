@@ -222,3 +222,187 @@ def test_options_must_be_an_object(body: Any) -> None:
 
 def test_empty_body_object_means_defaults() -> None:
     assert parse(body={}) == parse()
+
+
+# backward-pass methods and their class options
+
+EXPLAIN_METHODS = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+WIDE = make_manifest(num_outputs=12)
+
+
+def parse_explain(headers: dict[str, str] | None = None, body: Any = None, **kwargs: Any) -> RequestOptions:
+    kwargs.setdefault("methods", EXPLAIN_METHODS)
+    return parse_options(WIDE, headers=headers, body=body, **kwargs)
+
+
+def invalid_explain(option: str, match: str, **kwargs: Any) -> InvalidOption:
+    with pytest.raises(InvalidOption, match=match) as info:
+        parse_explain(**kwargs)
+    assert info.value.status == 400
+    assert info.value.details["option"] == option
+    assert option in info.value.message
+    return info.value
+
+
+def test_class_option_defaults_per_method() -> None:
+    assert parse_explain().method == "lrp"
+    for method, top in (("lrp_class", 1), ("gradcam", 1), ("distribution", 2), ("distribution_fast", 2)):
+        options = parse_explain(body={"method": method})
+        assert (options.classes, options.top_classes, options.least_likely) == (None, top, True)
+        assert (options.temperature, options.tau) == (10.0, 0.01)
+    assert parse_explain(body={"method": "distribution"}).base == "gradcam"
+    assert parse_explain(body={"method": "distribution_fast"}).base == "lrp"
+    assert parse_explain(body={"method": "distribution"}).num_classes == 3  # top-2 + the least likely
+    assert parse_explain(body={"method": "gradcam"}).num_classes == 1
+
+
+def test_class_options_from_headers() -> None:
+    options = parse_explain(
+        headers={
+            "X-LaFAM-Method": "Distribution",
+            "X-LaFAM-Top-Classes": "3",
+            "X-LaFAM-Least-Likely": "false",
+            "X-LaFAM-Temperature": "5",
+            "X-LaFAM-Tau": "0.2",
+            "X-LaFAM-Base": "LRP",
+        }
+    )
+    assert (options.method, options.top_classes, options.least_likely) == ("distribution", 3, False)
+    assert (options.temperature, options.tau, options.base) == (5.0, 0.2, "lrp")
+    assert options.num_classes == 3
+    options = parse_explain(headers={"X-LaFAM-Method": "gradcam", "X-LaFAM-Classes": "1,2"})
+    assert options.classes == (1, 2)
+    assert options.num_classes == 2
+    assert parse_explain(headers={"X-LaFAM-Method": "lrp_class", "X-LaFAM-Classes": " 4 , 0 "}).classes == (4, 0)
+
+
+def test_class_options_from_the_body() -> None:
+    body = {
+        "method": "distribution_fast",
+        "classes": [7, 0, 3],
+        "least_likely": False,
+        "temperature": 2,
+        "tau": 0,
+        "base": "input_x_gradient",
+    }
+    options = parse_explain(body=body)
+    assert (options.classes, options.least_likely, options.base) == ((7, 0, 3), False, "input_x_gradient")
+    assert (options.temperature, options.tau) == (2.0, 0.0)
+    assert isinstance(options.temperature, float)
+    assert parse_explain(body={"method": "gradcam", "top_classes": 12}).top_classes == 12
+    assert parse_explain(body={"method": "distribution", "classes": "5,6"}).classes == (5, 6)
+    overridden = parse_explain(
+        headers={"X-LaFAM-Temperature": "1"}, body={"method": "distribution", "temperature": 3.5}
+    )
+    assert overridden.temperature == 3.5  # the body wins over the header
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("classes", [12], r"class indices from 0 to 11"),
+        ("classes", "-1", r"class indices from 0 to 11"),
+        ("classes", [1, 1], r"repeats a class"),
+        ("classes", "2,3,2", r"repeats a class"),
+        ("classes", ["a", 1], r"class indices"),
+        ("classes", "1,two", r"class indices"),
+        ("classes", [1.5], r"class indices"),
+        ("classes", [True], r"class indices"),
+        ("classes", [], r"class indices"),
+        ("classes", 3, r"class indices"),
+        ("temperature", 0, r"'temperature' must be a number > 0"),
+        ("temperature", -1, r"'temperature' must be a number > 0"),
+        ("temperature", "abc", r"'temperature' must be a number > 0"),
+        ("temperature", "inf", r"'temperature' must be a number > 0"),
+        ("temperature", float("inf"), r"'temperature' must be a number > 0"),
+        ("temperature", float("nan"), r"'temperature' must be a number > 0"),
+        ("temperature", True, r"'temperature' must be a number > 0"),
+        ("tau", 1, r"'tau' must be a number in \[0, 1\)"),
+        ("tau", -0.1, r"'tau' must be a number in \[0, 1\)"),
+        ("tau", "1.0", r"'tau' must be a number in \[0, 1\)"),
+        ("least_likely", "maybe", r"'least_likely' must be true or false"),
+        ("least_likely", 1, r"'least_likely' must be true or false"),
+        ("top_classes", 0, r"'top_classes' must be an integer from 1 to 11"),
+        ("top_classes", 12, r"'top_classes' must be an integer from 1 to 11"),  # 12 + the least likely > 12
+        ("top_classes", "2.0", r"'top_classes' must be an integer"),
+        ("base", "saliency", r"'base' has invalid value 'saliency'; valid values: gradcam, input_x_gradient, lrp"),
+    ],
+)
+def test_bad_class_options_name_the_option(option: str, value: Any, match: str) -> None:
+    invalid_explain(option, match, body={"method": "distribution", option: value})
+
+
+def test_base_must_suit_the_method() -> None:
+    invalid_explain(
+        "base", r"valid values: lrp, input_x_gradient", body={"method": "distribution_fast", "base": "gradcam"}
+    )
+    no_lrp = ("gradcam", "input_x_gradient")
+    invalid_explain(
+        "base",
+        r"valid values: gradcam, input_x_gradient$",
+        body={"method": "distribution", "base": "lrp"},
+        bases=no_lrp,
+    )
+    # Without LRP the fast method falls back to input x gradient.
+    assert parse_explain(body={"method": "distribution_fast"}, bases=no_lrp).base == "input_x_gradient"
+
+
+def test_top_classes_leaves_room_for_the_least_likely() -> None:
+    assert parse_explain(body={"method": "distribution", "top_classes": 11}).top_classes == 11
+    assert parse_explain(body={"method": "distribution", "top_classes": 12, "least_likely": False}).top_classes == 12
+    with pytest.raises(InvalidOption, match=r"'top_classes' must be an integer from 1 to 3, got 4"):
+        parse(body={"method": "gradcam", "top_classes": 4}, methods=EXPLAIN_METHODS)  # 3 classes, no least likely
+
+
+@pytest.mark.parametrize(
+    ("body", "most"),
+    [
+        ({"method": "lrp_class"}, 4),
+        ({"method": "distribution", "base": "lrp"}, 4),
+        ({"method": "distribution", "base": "input_x_gradient"}, 4),
+    ],
+)
+def test_k_is_capped_for_costly_bases(body: dict[str, Any], most: int) -> None:
+    ok = parse_explain(body={**body, "classes": list(range(most))}, max_classes=most)
+    assert ok.num_classes == most
+    too_many = {**body, "classes": list(range(most + 1))}
+    error = invalid_explain(
+        "classes", rf"names {most + 1} classes; at most {most} \(K is capped", body=too_many, max_classes=most
+    )
+    assert "its cost grows with K" in error.message
+    room = most - (body["method"] == "distribution")  # the least likely class takes one of the K
+    invalid_explain(
+        "top_classes", rf"from 1 to {room} \(K is capped", body={**body, "top_classes": most + 1}, max_classes=most
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"method": "gradcam"},
+        {"method": "distribution", "base": "gradcam"},
+        {"method": "distribution_fast", "base": "lrp"},
+        {"method": "distribution_fast", "base": "input_x_gradient"},
+    ],
+)
+def test_k_is_not_capped_where_the_cost_does_not_grow(body: dict[str, Any]) -> None:
+    options = parse_explain(body={**body, "classes": list(range(12))}, max_classes=2)
+    assert options.num_classes == 12
+    assert parse_explain(body={**body, "top_classes": 11}, max_classes=2).top_classes == 11
+
+
+def test_methods_parameter_restricts_methods_and_shows_the_hint() -> None:
+    hint = " (backward-pass methods are served on POST /explanations)"
+    match = r"valid values: lafam \(backward-pass methods are served on POST /explanations"
+    error = invalid_explain("method", match, body={"method": "lrp"}, methods=("lafam",), hint=hint)
+    assert error.details["valid"] == ["lafam"]
+    three = ("lrp", "gradcam", "lafam")
+    invalid_explain(
+        "method",
+        r"valid values: lrp, gradcam, lafam; see the docs",
+        body={"method": "lrp_class"},
+        methods=three,
+        hint="; see the docs",
+    )
+    for method in ("lrp", "gradcam", "lafam"):
+        assert parse_explain(body={"method": method}, methods=("lrp", "gradcam", "lafam")).method == method
