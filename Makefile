@@ -29,6 +29,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m benchmarks.lafam_overhead --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.explain_speed --write benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import explain_speed
+from benchmarks import distribution_quality, explain_speed
 from benchmarks._report import replace_section, section
 
 OTHER = "<!-- lafam-overhead -->\n## LaFAM overhead\n\n| a |\n|---|\n| 1 |\n<!-- lafam-overhead -->\n"
@@ -58,3 +58,17 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_skipped_cells_extrapolate_linearly() -> None:
     assert explain_speed._skipped({1: 2.0, 2: 3.0, 5: 6.0}, 100) == "— (≈ 101)"
     assert explain_speed._skipped({1: 2.0}, 100) == "—"
+
+
+def test_distribution_quality_runs_and_writes_its_section(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    threads = torch.get_num_threads()
+    try:
+        assert distribution_quality.main(["--scenes", "2", "--write", str(results)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = results.read_text()
+    assert text.count(distribution_quality.START_MARKER) == 1
+    for row in ("LRP alone", "LRP distribution, exact", "LRP distribution, fast", "input×gradient distribution, fast"):
+        shares = _cells(text, row)[:3]
+        assert all(0.0 <= float(cell.rstrip("%")) <= 100.0 for cell in shares), (row, shares)
