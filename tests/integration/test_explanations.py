@@ -20,17 +20,16 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 import demo
 from demo.scenes import generate_scene
 from export.archive import build_archive, model_config
 from export.exporter import export_model
-from handlers import metrics
 from handlers.eager import load_eager
 from handlers.handler import LafamHandler
 from handlers.manifest import Manifest, ManifestError
 from tests.unit.conftest import FakeContext
+from tests.unit.test_metrics import sample
 
 DEMO = Path(demo.__file__).parent
 LABELS = tuple((DEMO / "labels.txt").read_text().split())
@@ -106,14 +105,6 @@ def image_of(size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     scene.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def sample(name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for found in family.samples:
-            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
-                return found.value
-    return 0.0
 
 
 def no_hooks(model: torch.nn.Module) -> bool:
