@@ -387,3 +387,23 @@ def test_tampered_eager_weights_fail_the_checksum(exported: Path, tmp_path: Path
     weights.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"checksum mismatch for eager\.pt"):
         Manifest.load(copy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", BACKWARD)
+def test_gpu_worker_explains_on_the_assigned_device(
+    exported: Path, served: tuple[LafamHandler, FakeContext], scene_png: bytes, method: str
+) -> None:
+    context = FakeContext(str(exported), gpu_id=0)
+    handler = LafamHandler()
+    handler.initialize(context)
+    assert next(handler.service.explainer.model.parameters()).device == torch.device("cuda:0")
+    status, on_gpu = explain_one((handler, context), scene_png, method=method, format="array")
+    assert status == 200, on_gpu
+    _, on_cpu = explain_one(served, scene_png, method=method, format="array")
+    gpu, cpu = on_gpu["explanation"], on_cpu["explanation"]
+    gpu_maps = [c["data"] for c in gpu["classes"]] if "classes" in gpu else [gpu["data"]]
+    cpu_maps = [c["data"] for c in cpu["classes"]] if "classes" in cpu else [cpu["data"]]
+    # maps are divided by their max |value|; CUDA kernels differ from the CPU's in the last bits (TF32 off)
+    np.testing.assert_allclose(np.asarray(gpu_maps), np.asarray(cpu_maps), atol=2e-3)
