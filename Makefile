@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast bench eval lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ bench: install
 	$(BIN)/python -m benchmarks.lafam_overhead --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.explain_speed --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
+
+# Scores every served explanation method on generated scenes with exact masks (README "Evaluation").
+eval: install
+	test -f model_store/shapes.mar || $(BIN)/python -c "from pathlib import Path; from demo.run import build_demo_archive; build_demo_archive(Path('out'), Path('model_store'))"
+	$(BIN)/lafam-serve eval --archive model_store/shapes.mar --out results/eval
 
 lint: install
 	$(BIN)/ruff check .

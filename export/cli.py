@@ -89,6 +89,23 @@ def _parser() -> argparse.ArgumentParser:
         "--no-eager", action="store_true", help="leave the export's eager model out (/explanations: LaFAM only)"
     )
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="score the served explanations against object masks (+ grid pointing game, sanity check)",
+        description="Request every explanation method for images with exact object masks, from a local archive "
+        "or a running server, and write results.md, results.json and montage.png.",
+    )
+    where = evaluate.add_mutually_exclusive_group(required=True)
+    where.add_argument("--archive", type=Path, help="a .mar or export folder, served in process")
+    where.add_argument("--url", help="a running TorchServe's inference API, e.g. http://127.0.0.1:8080")
+    evaluate.add_argument("--model", help="model name on the server (with --url)")
+    evaluate.add_argument("--token-file", type=Path, help="TorchServe's key_file.json (with --url)")
+    evaluate.add_argument("--data", default="synthetic", help="'synthetic' (demo scenes) or a folder of images + masks")
+    evaluate.add_argument("--samples", type=int, default=50, help="synthetic images (default 50)")
+    evaluate.add_argument("--grids", type=int, default=20, help="2x2 grids for the grid pointing game (0: skip)")
+    evaluate.add_argument("--sanity", type=int, default=8, help="images for the sanity check (0: skip; --archive only)")
+    evaluate.add_argument("--out", type=Path, default=Path("results/eval"), help="output folder (default results/eval)")
+
     demo = commands.add_parser("demo", help="build the demo model, serve it, query it, write overlays, stop")
     demo.add_argument("--out", type=Path, default=Path("out"))
     demo.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -144,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eager=not args.no_eager,
                 log=print,
             )
+        elif args.command == "eval":
+            return _evaluate(args)
         elif args.command == "demo":
             from demo.run import run_demo
 
@@ -156,3 +175,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from evaluation import report
+    from evaluation.data import folder_samples, synthetic_grids, synthetic_samples
+    from evaluation.runner import evaluate, grid_game
+    from evaluation.sanity import sanity_check
+    from evaluation.sources import LocalSource, RestSource, read_token
+
+    if args.url:
+        if not args.model:
+            raise ValueError("--url needs --model (the model's name on the server)")
+        source = RestSource(args.url, args.model, read_token(args.token_file) if args.token_file else None)
+        where = f"{args.url}/explanations/{args.model}"
+    else:
+        source = LocalSource(args.archive)
+        where = str(args.archive)
+    samples = synthetic_samples(args.samples) if args.data == "synthetic" else folder_samples(args.data)
+    results = evaluate(source, samples)
+    grid = grid_game(source, synthetic_grids(args.grids)) if args.grids and args.data == "synthetic" else None
+    sanity = None
+    if args.sanity and isinstance(source, LocalSource) and source.service.explainer is not None:
+        sanity = sanity_check(source, samples[: args.sanity])
+    paths = report.write(
+        args.out,
+        header=report.header(source.name, where, len(samples)),
+        samples=samples,
+        results=results,
+        grid=grid,
+        sanity=sanity,
+    )
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

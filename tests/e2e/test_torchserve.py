@@ -263,3 +263,16 @@ def test_explanation_metrics_on_one_scrape_target(server: TorchServe, samples: l
     # TorchServe's own metrics stay on its metrics port, in Prometheus format.
     with urllib.request.urlopen(server.url("metrics") + "/metrics", timeout=10) as response:
         assert "ts_inference_requests_total" in response.read().decode()
+
+
+def test_eval_through_the_rest_api(server: TorchServe) -> None:
+    from evaluation.data import synthetic_samples
+    from evaluation.runner import METHODS, evaluate
+    from evaluation.sources import RestSource
+
+    source = RestSource(server.url(), "shapes", server.token("inference"))
+    results = evaluate(source, synthetic_samples(3), progress=False)
+    assert not results.unavailable
+    summary = results.summary()
+    assert all(summary[m.name]["auc"]["n"] == 3 for m in METHODS)
+    assert summary["LaFAM (nearest)"]["pointing_game"]["mean"] >= 2 / 3

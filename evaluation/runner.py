@@ -1,0 +1,247 @@
+"""``lafam-serve eval``: how faithful each served explanation is, on images with exact object masks.
+
+For every sample, every method is requested from the source (a running server or a local archive) as a
+``format=array`` map, upsampled to the image with the method's mode, and scored against the object mask
+with the localisation metrics of :mod:`evaluation.metrics`. Two baselines that look at no model at all
+keep the table honest: a centred Gaussian (localisation metrics reward centre bias, and generated objects
+sit anywhere, so it should score low but not zero) and a uniform random map.
+
+Class methods explain the sample's true class when it is known (else the predicted one). Distributions
+compete as in the paper: when the target is the top-1 prediction the server picks the top two plus the
+least likely class; otherwise the target competes with the top-1.
+
+The grid pointing game (:func:`grid_game`) and the sanity check (:mod:`evaluation.sanity`) complete it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from handlers.explain.lafam import resize_maps
+
+from . import metrics
+from .data import Grid, Sample
+from .sources import Source, SourceError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method as the evaluation requests it.
+
+    Attributes:
+        name: the name in the results.
+        options: request options (``method``, ``base``...).
+        upsample: how the native map is brought to the image (``nearest`` as in LaFAM's paper, ``bilinear``).
+        per_class: the method explains a class (the map of the target class is scored).
+    """
+
+    name: str
+    options: dict[str, Any]
+    upsample: str = "nearest"
+    per_class: bool = False
+
+    @property
+    def distribution(self) -> bool:
+        """Whether classes compete (attribution distributions)."""
+        return str(self.options["method"]).startswith("distribution")
+
+
+METHODS: tuple[Method, ...] = (
+    Method("LaFAM (nearest)", {"method": "lafam"}),
+    Method("LaFAM (bilinear)", {"method": "lafam"}, upsample="bilinear"),
+    Method("LRP label-free", {"method": "lrp"}),
+    Method("LRP class", {"method": "lrp_class"}, per_class=True),
+    Method("Grad-CAM", {"method": "gradcam"}, per_class=True),
+    Method("distribution · Grad-CAM", {"method": "distribution", "base": "gradcam"}, per_class=True),
+    Method("distribution · input×gradient", {"method": "distribution", "base": "input_x_gradient"}, per_class=True),
+    Method("distribution · LRP", {"method": "distribution", "base": "lrp"}, per_class=True),
+    Method("distribution fast · LRP", {"method": "distribution_fast", "base": "lrp"}, per_class=True),
+)
+"""The served methods, in table order."""
+
+GRID_PAIRS: tuple[tuple[str, str], ...] = (
+    ("Grad-CAM", "distribution · Grad-CAM"),
+    ("LRP class", "distribution · LRP"),
+    ("LRP class", "distribution fast · LRP"),
+)
+"""(base method, its attribution distribution) compared side by side in the grid pointing game."""
+
+
+def centred_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
+    """A Gaussian bump at the image centre, ``sigma`` in units of each side: the centre-bias baseline."""
+    ys = (np.arange(shape[0]) + 0.5) / shape[0] - 0.5
+    xs = (np.arange(shape[1]) + 0.5) / shape[1] - 0.5
+    return np.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma**2))
+
+
+BASELINES: dict[str, Callable[[tuple[int, int], np.random.Generator], np.ndarray]] = {
+    "baseline: centred Gaussian": lambda shape, _: centred_gaussian(shape),
+    "baseline: uniform random": lambda shape, rng: rng.random(shape),
+}
+
+
+@dataclass
+class Results:
+    """Per method, per metric, the score of every sample (``NaN`` where a method failed)."""
+
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    accuracy: float | None = None
+
+    def add(self, method: str, values: dict[str, float]) -> None:
+        """Record one sample's metrics for ``method``."""
+        for metric, value in values.items():
+            self.scores.setdefault(method, {}).setdefault(metric, []).append(value)
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Mean and standard error per method and metric."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for method, by_metric in self.scores.items():
+            for metric, values in by_metric.items():
+                finite = [v for v in values if math.isfinite(v)]
+                mean = statistics.fmean(finite) if finite else math.nan
+                sem = statistics.stdev(finite) / math.sqrt(len(finite)) if len(finite) > 1 else math.nan
+                out.setdefault(method, {})[metric] = {"mean": mean, "sem": sem, "n": len(finite)}
+        return out
+
+
+def map_of(body: dict[str, Any], target: int | None, shape: tuple[int, int], upsample: str) -> np.ndarray:
+    """The explanation map of ``target`` (or the label-free map) from a response, at ``shape``."""
+    explanation = body["explanation"]
+    if "classes" in explanation:
+        entry = next((c for c in explanation["classes"] if c["index"] == target), explanation["classes"][0])
+        data = entry["data"]
+    else:
+        data = explanation["data"]
+    native = torch.tensor(data, dtype=torch.float32)
+    return resize_maps(native[None], shape, upsample)[0].numpy().astype(np.float64)
+
+
+def score(saliency: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Every localisation metric of one map.
+
+    Relevance mass accuracy counts positive attribution only (Arras et al. 2021): for signed maps (LRP,
+    Grad-CAM, distributions) negative evidence must not cancel positive mass outside the object.
+    """
+    positive = np.clip(saliency, 0, None)
+    return {
+        name: fn(positive if name == "relevance_mass_accuracy" else saliency, mask)
+        for name, fn in metrics.METRICS.items()
+    }
+
+
+def class_options(method: Method, target: int, ranking: Sequence[int]) -> dict[str, Any]:
+    """The class options of a request explaining ``target`` (see the module docstring)."""
+    if not method.distribution:
+        return {"classes": [target]}
+    if ranking and ranking[0] == target:
+        return {"top_classes": 2, "least_likely": True}
+    return {"classes": [target, ranking[0]]}
+
+
+def evaluate(
+    source: Source,
+    samples: Sequence[Sample],
+    methods: Sequence[Method] = METHODS,
+    *,
+    keep_maps: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> Results:
+    """Score every method on every sample.
+
+    Args:
+        source: where the explanations come from.
+        samples: images with masks.
+        methods: the methods to request.
+        keep_maps: keep the maps of this many first samples (for the montage).
+        seed: seed of the random baseline.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The per-sample scores; methods the model does not offer are listed in ``unavailable``.
+    """
+    results = Results()
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for position, sample in enumerate(tqdm(samples, desc="eval", unit="image", disable=not progress)):
+        shape = sample.mask.shape
+        first = source.explain(sample.image, {"method": "lafam", "format": "none"})
+        ranking = [p["index"] for p in first.get("predictions", [])]
+        correct += bool(ranking) and sample.label is not None and ranking[0] == sample.label
+        target = sample.label if sample.label is not None else (ranking[0] if ranking else None)
+        for method in methods:
+            if method.name in results.unavailable:
+                continue
+            options = {**method.options, "format": "array", "upsample": method.upsample}
+            if method.per_class:
+                if target is None:
+                    results.unavailable[method.name] = "the model has no classes"
+                    continue
+                options.update(class_options(method, target, ranking))
+            try:
+                body = source.explain(sample.image, options)
+            except SourceError as exc:
+                results.unavailable[method.name] = str(exc)
+                continue
+            saliency = map_of(body, target, shape, method.upsample)
+            results.add(method.name, score(saliency, sample.mask))
+            if position < keep_maps:
+                results.maps.setdefault(sample.name, {})[method.name] = saliency
+        for name, make in BASELINES.items():
+            saliency = make(shape, rng)
+            results.add(name, score(saliency, sample.mask))
+            if position < keep_maps:
+                results.maps.setdefault(sample.name, {})[name] = saliency
+    labelled = [s for s in samples if s.label is not None]
+    results.accuracy = correct / len(labelled) if labelled else None
+    return results
+
+
+def grid_game(
+    source: Source, grids: Sequence[Grid], methods: Sequence[Method] = METHODS, *, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """The grid pointing game: per method, mean region attribution and IoU with each quadrant's class.
+
+    Each grid's four classes are explained together (explicit ``classes``, so they are also the competitors
+    of the distributions); class c's map is scored against c's quadrant. ``distribution_fast`` returns
+    only its target's map, so it is asked once per quadrant with that quadrant's class first.
+    """
+    wanted = {name for pair in GRID_PAIRS for name in pair}
+    chosen = [m for m in methods if m.name in wanted]
+    scores: dict[str, dict[str, list[float]]] = {m.name: {"region": [], "iou": []} for m in chosen}
+    for grid in tqdm(grids, desc="grids", unit="grid", disable=not progress):
+        shape = grid.image.shape[:2]
+        quadrants = metrics.quadrant_masks(*shape)
+        for method in chosen:
+            orders = (
+                [[c, *(o for o in grid.labels if o != c)] for c in grid.labels]
+                if method.options["method"] == "distribution_fast"
+                else [list(grid.labels)]
+            )
+            try:
+                bodies = [
+                    source.explain(grid.image, {**method.options, "format": "array", "classes": order})
+                    for order in orders
+                ]
+            except SourceError:
+                scores.pop(method.name, None)
+                continue
+            for label, quadrant in zip(grid.labels, quadrants, strict=True):
+                body = bodies[0] if len(bodies) == 1 else bodies[grid.labels.index(label)]
+                saliency = map_of(body, label, shape, method.upsample)
+                scores[method.name]["region"].append(metrics.region_attribution(saliency, quadrant))
+                scores[method.name]["iou"].append(metrics.thresholded_iou(saliency, quadrant))
+    return {
+        name: {metric: statistics.fmean(values) if values else math.nan for metric, values in by_metric.items()}
+        for name, by_metric in scores.items()
+    }
