@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python -m benchmarks.lafam_overhead --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.explain_speed --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.serving --write benchmarks/RESULTS.md
 
 # Scores every served explanation method on generated scenes with exact masks (README "Evaluation").
 eval: install
