@@ -7,6 +7,9 @@ owns its section of ``benchmarks/RESULTS.md`` and leaves the rest of the file as
 
 from __future__ import annotations
 
+import contextlib
+import platform
+from importlib import metadata
 from pathlib import Path
 
 DEFAULT_TEXT = "# Benchmark results\n\n"
@@ -67,3 +70,20 @@ def write_section(path: Path, marked: str, start: str, end: str | None = None) -
     """
     text = path.read_text() if path.exists() else DEFAULT_TEXT
     path.write_text(replace_section(text, marked, start, end))
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (else what ``platform`` knows), for results headers."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def package_version(package: str) -> str:
+    """An installed distribution's version, or ``not installed``."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"

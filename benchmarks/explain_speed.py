@@ -52,14 +52,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from benchmarks._report import section, write_section
+from benchmarks._report import cpu_name, package_version, section, write_section
 from handlers.explain.distribution import attribution_distribution, explain, fast_input_x_gradient, fast_lrp
 from handlers.explain.gradients import GradCAM, InputXGradient, capture
 from handlers.explain.lafam import lafam, resize_maps
@@ -327,21 +326,6 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> tup
     return forward, single, dist
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def report(settings: Settings, forward: Measurement, single: dict, dist: dict) -> str:
     """The markdown section (without markers): a header, the single-pass table, the distribution table, notes."""
     device = settings.device
@@ -350,10 +334,10 @@ def report(settings: Settings, forward: Measurement, single: dict, dist: dict) -
         f"## Explanation cost as a ratio to one forward ({settings.arch}, random init, "
         f"{settings.size}x{settings.size}, batch {settings.batch})",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {_cpu_name()} ({platform.machine()}), "
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu_name()} ({platform.machine()}), "
         f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; device {where}; "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, zennit {_version('zennit')}, "
-        f"captum {_version('captum')}. Each ratio is the median over {settings.pairs} alternating pairs of "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, zennit {package_version('zennit')}, "
+        f"captum {package_version('captum')}. Each ratio is the median over {settings.pairs} alternating pairs of "
         f"time(method) / time(plain `torch.no_grad()` forward); the plain forward takes "
         f"{forward.seconds * 1e3:.1f} ms. Regenerate with `make bench`.",
         "",

@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +50,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmarks._report import section, write_section
+from benchmarks._report import cpu_name, package_version, section, write_section
 from export.archive import build_archive, model_config
 from export.exporter import export_model
 from export.models import resolve_model
@@ -383,35 +381,19 @@ def backend_comparison(built: Built, input_size: tuple[int, int], batches: Seque
     return rows
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def render(
     args: argparse.Namespace, choice: ModelChoice, built: Built, served: dict[str, dict], library: list[dict]
 ) -> str:
     """The markdown section (without markers)."""
     base = served[BASELINE]
+    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
     lines = [
         f"## Served throughput and latency: lafam-serve vs TorchServe's stock handler ({args.model})",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores ({_cpu_model()}), no GPU; "
-        f"torch {torch.__version__}, onnxruntime {_version('onnxruntime')}, torchserve {_version('torchserve')}, "
-        f"locust {_version('locust')}. `python -m benchmarks.serving --model {args.model} --duration {args.duration}"
-        f" --users {args.users}`.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores ({cpu_name()}), {gpu}; "
+        f"torch {torch.__version__}, onnxruntime {package_version('onnxruntime')}, "
+        f"torchserve {package_version('torchserve')}, locust {package_version('locust')}. "
+        f"`python -m benchmarks.serving --model {args.model} --duration {args.duration} --users {args.users}`.",
         "",
         f"{choice.note} One TorchServe, every archive with batchSize {BATCH_SIZE}, maxBatchDelay "
         f"{MAX_BATCH_DELAY_MS} ms, {WORKERS} worker; models driven one after another by locust (headless, "
