@@ -10,7 +10,6 @@ explain the predicted class).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +114,3 @@ def synthetic_grids(count: int, seed: int = 50_000, size: int = 128) -> list[Gri
         labels = tuple(label for _, label in scenes)
         grids.append(Grid(f"grid_{index:04d}", image, labels))  # type: ignore[arg-type]  # four by construction
     return grids
-
-
-def batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
-    """Consecutive slices of ``items`` of at most ``size``."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
