@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks._report import section, write_section
+from benchmarks._report import cpu_name, section, write_section
 from export.exporter import export_model
 from handlers.service import LafamService, Request
 
@@ -44,26 +44,45 @@ def _requests(batch: int, fmt: str) -> list[Request]:
     ]
 
 
-def measure(service: LafamService, batch: int, pairs: int, warmup: int = 2) -> dict[str, float]:
-    """Return median seconds per batch with and without the map, and the median paired ratio."""
-    with_map, without_map = _requests(batch, "png"), _requests(batch, "none")
+def _paired(run_a: Callable[[], object], run_b: Callable[[], object], pairs: int, warmup: int = 2) -> dict[str, float]:
+    """Alternate ``run_a`` and ``run_b`` (ABAB..., order flipped each pair); medians and the median ratio a/b."""
     for _ in range(warmup):
-        service.predict(with_map)
-        service.predict(without_map)
-    on, off, ratios = [], [], []
+        run_a()
+        run_b()
+    a_times, b_times, ratios = [], [], []
     for index in range(pairs):
-        order = (with_map, without_map) if index % 2 == 0 else (without_map, with_map)
         times = {}
-        for requests in order:
+        for name, run in (("a", run_a), ("b", run_b)) if index % 2 == 0 else (("b", run_b), ("a", run_a)):
             start = time.perf_counter()
-            replies = service.predict(requests)
-            times[id(requests)] = time.perf_counter() - start
-            if any(reply.status != 200 for reply in replies):
-                raise RuntimeError(f"benchmark request failed: {replies[0].body}")
-        on.append(times[id(with_map)])
-        off.append(times[id(without_map)])
-        ratios.append(times[id(with_map)] / times[id(without_map)])
-    return {"with": statistics.median(on), "without": statistics.median(off), "ratio": statistics.median(ratios)}
+            run()
+            times[name] = time.perf_counter() - start
+        a_times.append(times["a"])
+        b_times.append(times["b"])
+        ratios.append(times["a"] / times["b"])
+    return {
+        "with": statistics.median(a_times),
+        "without": statistics.median(b_times),
+        "ratio": statistics.median(ratios),
+    }
+
+
+def _answer(service: LafamService, requests: list[Request], drift: bool = True) -> None:
+    service.drift = drift
+    replies = service.predict(requests)
+    if any(reply.status != 200 for reply in replies):
+        raise RuntimeError(f"benchmark request failed: {replies[0].body}")
+
+
+def measure(service: LafamService, batch: int, pairs: int) -> dict[str, float]:
+    """Median seconds per batch with and without the map, and the median paired ratio."""
+    with_map, without_map = _requests(batch, "png"), _requests(batch, "none")
+    return _paired(lambda: _answer(service, with_map), lambda: _answer(service, without_map), pairs)
+
+
+def measure_drift(service: LafamService, batch: int, pairs: int) -> dict[str, float]:
+    """Median seconds per batch (with the map) with and without the drift statistics, and the paired ratio."""
+    with_map = _requests(batch, "png")
+    return _paired(lambda: _answer(service, with_map, True), lambda: _answer(service, with_map, False), pairs)
 
 
 def lafam_only(service: LafamService, batch: int, repeats: int = 200) -> float:
@@ -98,20 +117,23 @@ def main() -> None:
             service = LafamService.from_folder(folder)
             for batch in (int(b) for b in args.batches.split(",")):
                 result = measure(service, batch, args.pairs)
+                drift = measure_drift(service, batch, args.pairs)
                 reduce_ms = lafam_only(service, batch) * 1e3
                 rows.append(
                     f"| {backend} | {batch} | {result['without'] * 1e3:.1f} | {result['with'] * 1e3:.1f} | "
-                    f"{(result['ratio'] - 1) * 100:+.2f} % | {reduce_ms:.3f} |"
+                    f"{(result['ratio'] - 1) * 100:+.2f} % | {reduce_ms:.3f} | {(drift['ratio'] - 1) * 100:+.2f} % |"
                 )
                 print(rows[-1], flush=True)
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     header = (
         f"## LaFAM overhead ({args.model}, random init, 224x224, JPEG 320x240 requests)\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
         f"no GPU. Median of {args.pairs} alternating pairs; overhead = median per-pair ratio − 1. The map is "
-        "computed, upsampled (nearest) to 224x224 and PNG-encoded; 'reduction' is the LaFAM reduction alone.\n\n"
-        "| backend | batch | handler ms, no map | handler ms, with map | overhead | reduction ms |\n"
-        "|---|---|---|---|---|---|\n"
+        "computed, upsampled (nearest) to 224x224 and PNG-encoded; 'reduction' is the LaFAM reduction alone; "
+        "'drift' is the extra cost of the map statistics (handlers/drift.py), measured the same way with the map "
+        "on both sides.\n\n"
+        "| backend | batch | handler ms, no map | handler ms, with map | overhead | reduction ms | drift |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     table = section(header + "\n".join(rows), RESULTS_MARKER)
     print(table)

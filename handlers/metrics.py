@@ -78,6 +78,26 @@ PREPROCESS_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "lafam_batch_size", "Requests per batch handed to the worker by TorchServe.", ["model"], buckets=BATCH_BUCKETS
 )
+SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+"""Buckets of the drift statistics, which all lie in [0, 1]."""
+MAP_ENTROPY = Histogram(
+    "lafam_map_entropy_ratio",
+    "Normalised entropy of each served map's positive evidence (0 = one location, 1 = uniform).",
+    ["model", "method"],
+    buckets=SHARE_BUCKETS,
+)
+MAP_BORDER = Histogram(
+    "lafam_map_border_ratio",
+    "Share of each served map's positive evidence on the map's outer ring.",
+    ["model", "method"],
+    buckets=SHARE_BUCKETS,
+)
+MAP_PEAK_OFFSET = Histogram(
+    "lafam_map_peak_offset_ratio",
+    "Distance of each served map's peak from the centre, as a fraction of the half-diagonal.",
+    ["model", "method"],
+    buckets=SHARE_BUCKETS,
+)
 REQUESTS = Counter("lafam_requests", "Requests handled, by HTTP status class.", ["model", "status"])
 EXPLANATIONS = Counter("lafam_explanations", "Explanation maps served.", ["model", "method"])
 ERRORS = Counter("lafam_errors", "Failed requests, by error code.", ["model", "code"])

@@ -23,6 +23,7 @@ import torch
 
 from . import metrics
 from .backends import Backend, load_backend
+from .drift import map_statistics
 from .eager import load_eager
 from .encode import explanation_header, explanation_json, map_data, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
 IMAGE_TYPES = ("image/", "application/octet-stream")
-SERVICE_KEYS = ("max_pixels", "max_classes", "eager")
+SERVICE_KEYS = ("max_pixels", "max_classes", "eager", "drift")
 """Keys of the model config's ``lafam`` section besides the option defaults."""
 
 
@@ -151,15 +152,23 @@ class LafamService:
         backend: the loaded graph.
         explainer: the backward-pass methods, or ``None`` (``/explanations`` then serves LaFAM only).
         max_classes: the largest K of methods whose cost grows with K.
+        drift: record the drift statistics of every served map (:mod:`handlers.drift`).
     """
 
     def __init__(
-        self, manifest: Manifest, backend: Backend, explainer: BackwardExplainer | None = None, max_classes: int = 10
+        self,
+        manifest: Manifest,
+        backend: Backend,
+        explainer: BackwardExplainer | None = None,
+        max_classes: int = 10,
+        *,
+        drift: bool = True,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
         self.explainer = explainer
         self.max_classes = max_classes
+        self.drift = drift
         self._labels = {"model": manifest.name}
         self.explain_methods = (*explainer.methods, *FORWARD_METHODS) if explainer else FORWARD_METHODS
         self._explain_hint = (
@@ -195,6 +204,11 @@ class LafamService:
         if manifest.eager is not None and config.pop("eager", True) is not False:
             explainer = BackwardExplainer(load_eager(manifest.eager, folder, device), manifest)
         config.pop("eager", None)
+        drift = config.pop("drift", True)
+        if not isinstance(drift, bool):
+            raise ValueError(  # noqa: TRY004 - a bad config value, reported like the others
+                f"drift in the model config's 'lafam' section must be true or false: {drift!r}"
+            )
         if config:
             max_pixels = int(config.pop("max_pixels", manifest.max_pixels))
             manifest = replace(manifest, max_pixels=max_pixels, defaults=replace(manifest.defaults, **config))
@@ -202,7 +216,7 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        service = cls(manifest, load_backend(manifest, folder, device), explainer, max_classes)
+        service = cls(manifest, load_backend(manifest, folder, device), explainer, max_classes, drift=drift)
         service.warm_up()
         return service
 
@@ -326,6 +340,7 @@ class LafamService:
         except ValueError as exc:  # an option this model cannot honour (e.g. a layer LRP cannot seed at)
             raise InvalidOption(f"method {options.method!r} cannot run with these options: {exc}") from exc
         maps = result.maps.detach().float().cpu()
+        self._record_drift(maps[0], options.method)
         size = self._size(item)
         resized = resize_maps(maps, size, options.upsample) if options.format == "png" else [None] * len(maps)
         body = explanation_header(
@@ -358,8 +373,24 @@ class LafamService:
             )
         return body
 
+    def _record_drift(self, native: torch.Tensor, method: str) -> None:
+        """Record the map's drift statistics (never fails the request, like every metric)."""
+        if not self.drift:
+            return
+        try:
+            statistics = map_statistics(native)
+        except Exception:
+            logger.exception("drift statistics failed")
+            return
+        if statistics is not None:
+            labels = {"method": method, **self._labels}
+            metrics.observe(metrics.MAP_ENTROPY, statistics.entropy, **labels)
+            metrics.observe(metrics.MAP_BORDER, statistics.border_share, **labels)
+            metrics.observe(metrics.MAP_PEAK_OFFSET, statistics.peak_offset, **labels)
+
     def _explanation(self, native: torch.Tensor, item: _Prepared) -> dict[str, Any]:
         options = item.options
+        self._record_drift(native, options.method)
         size = self._size(item)
         resized = resize_maps(native.unsqueeze(0), size, options.upsample)[0] if options.format == "png" else None
         return explanation_json(

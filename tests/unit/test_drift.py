@@ -1,0 +1,74 @@
+"""Drift statistics of served maps: exact values on hand-made maps, and what the service records."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from handlers.drift import map_statistics
+from tests.unit.test_handler import png_item, serve
+from tests.unit.test_metrics import sample
+
+
+def test_one_central_peak_has_no_entropy_no_border_no_offset() -> None:
+    native = torch.zeros(7, 7)
+    native[3, 3] = 5.0
+    assert map_statistics(native) == (0.0, 0.0, 0.0)
+
+
+def test_a_uniform_map_has_full_entropy_and_the_ring_share() -> None:
+    stats = map_statistics(torch.ones(7, 7))
+    assert stats.entropy == pytest.approx(1.0, abs=1e-12)
+    assert stats.border_share == pytest.approx(24 / 49, abs=1e-12)  # the outer ring of a 7x7 map
+    assert stats.peak_offset == pytest.approx(1.0)  # argmax of a tie: the first location, a corner
+
+
+def test_corner_peak_and_negative_evidence() -> None:
+    native = -torch.ones(8, 8)  # negative evidence does not count
+    native[0, 7] = 2.0
+    stats = map_statistics(native)
+    assert stats == (0.0, 1.0, pytest.approx(1.0))
+    native[0, 7] = 1.0
+    native[4, 4] = 1.0  # half the evidence inside, half on the ring: entropy log(2)/log(64)
+    stats = map_statistics(native)
+    assert stats.entropy == pytest.approx(math.log(2) / math.log(64))
+    assert stats.border_share == pytest.approx(0.5)
+
+
+def test_pixel_level_maps_use_an_eighth_of_the_side_as_border() -> None:
+    native = torch.zeros(64, 64)
+    native[7, 32] = 1.0  # inside the 8-pixel ring
+    assert map_statistics(native).border_share == 1.0
+    native[7, 32], native[8, 32] = 0.0, 1.0
+    assert map_statistics(native).border_share == 0.0
+
+
+@pytest.mark.parametrize("native", [torch.zeros(7, 7), -torch.ones(7, 7), torch.full((7, 7), float("nan"))])
+def test_a_map_without_positive_evidence_records_nothing(native: torch.Tensor) -> None:
+    assert map_statistics(native) is None
+
+
+def test_bad_shape_is_named() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        map_statistics(torch.ones(1, 7, 7))
+
+
+def test_the_service_records_every_served_map(tiny_export: Path) -> None:
+    model = "tiny-classification"
+    before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
+    serve(tiny_export, [png_item(), png_item()])
+    assert sample("lafam_map_entropy_ratio_count", model=model, method="lafam") == before + 2
+    assert sample("lafam_map_border_ratio_count", model=model, method="lafam") >= 2
+    assert sample("lafam_map_peak_offset_ratio_count", model=model, method="lafam") >= 2
+
+
+def test_drift_can_be_switched_off_per_deployment(tiny_export: Path) -> None:
+    model = "tiny-classification"
+    before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
+    serve(tiny_export, [png_item()], model_yaml_config={"lafam": {"drift": False}})
+    assert sample("lafam_map_entropy_ratio_count", model=model, method="lafam") == before
+    with pytest.raises(ValueError, match="drift"):
+        serve(tiny_export, [png_item()], model_yaml_config={"lafam": {"drift": "yes"}})
