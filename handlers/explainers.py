@@ -53,12 +53,19 @@ class BackwardExplainer:
         self.model = model
         self.manifest = manifest
         self.device = next(model.parameters()).device
+        classification = manifest.task == "classification"
         try:
             self.lrp: LRP | None = LRP(model, mean=manifest.mean, std=manifest.std)
-        except (ValueError, TypeError) as exc:
+            # One blank image now: a model whose forward is not the chain of its modules fails here, at
+            # worker start, rather than on every LRP request.
+            blank = torch.zeros(1, 3, *manifest.input_size, device=self.device)
+            if classification:
+                self.lrp.relevance(blank, classes=torch.zeros(1, dtype=torch.long, device=self.device))
+            else:
+                self.lrp.relevance(blank, layer=manifest.layers[0].name)
+        except (ValueError, TypeError, RuntimeError) as exc:
             logger.warning("LRP is off for %s: %s", manifest.name, exc)
             self.lrp = None
-        classification = manifest.task == "classification"
         self.methods = tuple(
             m
             for m in BACKWARD_METHODS
