@@ -8,7 +8,6 @@ over a header of the same option. Every option is validated once, here; an unkno
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -119,8 +118,12 @@ def _number(name: str, value: Any, valid: Callable[[float], bool], rule: str) ->
     return float(number)
 
 
-def _positive_finite(value: float) -> bool:
-    return 0 < value < math.inf
+MAX_TEMPERATURE = 1e6
+"""Largest T: beyond it T·|A| overflows float32 for ordinary attribution sizes and the maps turn NaN."""
+
+
+def _temperature(value: float) -> bool:
+    return 0 < value <= MAX_TEMPERATURE
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -256,6 +259,8 @@ def parse_options(
         top_classes=_bounded_int("top_classes", raw.get("top_classes", top), 1, most - extra, why),
         least_likely=least_likely,
         base=base,
-        temperature=_number("temperature", raw.get("temperature", TEMPERATURE), _positive_finite, "> 0 (paper: 10)"),
+        temperature=_number(
+            "temperature", raw.get("temperature", TEMPERATURE), _temperature, "in (0, 1e6] (paper: 10)"
+        ),
         tau=_number("tau", raw.get("tau", TAU), lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.01)"),
     )

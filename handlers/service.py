@@ -31,7 +31,7 @@ from .explain.lafam import lafam, resize_maps
 from .explainers import BackwardExplainer
 from .images import DecodedImage, decode
 from .manifest import Defaults, Manifest
-from .options import FORWARD_METHODS, RequestOptions, parse_options
+from .options import FORWARD_METHODS, MAX_MAP_SIDE, RequestOptions, parse_options
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | N
     content_type = request.content_types.get(key, "").split(";")[0].strip().lower()
     if isinstance(value, Mapping):
         return _from_json(value)
+    if not isinstance(value, str | bytes | bytearray):  # TorchServe already parsed a JSON array/number/null
+        raise InvalidJSON(f'the JSON body must be an object {{"image": "<base64>", ...}}, got {type(value).__name__}')
     if isinstance(value, str) or content_type == "application/json":
         try:
             parsed = json.loads(value)
@@ -134,6 +136,7 @@ def _from_json(body: Mapping[str, Any]) -> tuple[bytes, Mapping[str, Any] | None
         raise InvalidJSON("the JSON body needs a non-empty string field 'image' holding the base64 image")
     if encoded.startswith("data:"):
         encoded = encoded.partition(",")[2]
+    encoded = "".join(encoded.split())  # line-wrapped base64 (the base64 tool, MIME) is still base64
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -327,7 +330,9 @@ class LafamService:
         if options.size == "input":
             return self.manifest.input_size
         if options.size == "original":
-            return item.image.original_size
+            height, width = item.image.original_size
+            scale = min(1.0, MAX_MAP_SIDE / max(height, width))  # a huge image must not mean a huge map
+            return max(1, round(height * scale)), max(1, round(width * scale))
         return options.size
 
     def _backward(self, item: _Prepared, probabilities: torch.Tensor | None) -> dict[str, Any]:

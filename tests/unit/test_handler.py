@@ -218,3 +218,10 @@ def test_gpu_worker_keeps_tensors_on_the_assigned_device(tiny_export: Path) -> N
     handler = LafamHandler()
     handler.initialize(FakeContext(str(tiny_export), gpu_id=0))
     assert handler.service.backend.device == torch.device("cuda:0")
+
+
+def test_original_size_maps_are_capped_at_the_largest_map_side(tiny_export: Path) -> None:
+    bodies, context = serve(tiny_export, [png_item(size=(5000, 100))], [{"x-lafam-size": "original"}])
+    assert context.statuses[0][0] == 200
+    assert bodies[0]["explanation"]["size"] == [82, 4096]  # aspect kept: a huge image must not mean a huge map
+    assert decode_png(bodies[0]["explanation"]["data"]).shape == (82, 4096)
