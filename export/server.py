@@ -11,16 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.properties"
 PORT_KEYS = {
@@ -72,7 +76,8 @@ class TorchServe:
         ports: ``inference``, ``management``, ``metrics``, ``grpc_*`` and ``lafam_metrics``; free ones
             are picked when empty, the shipped config's otherwise.
         config: properties overriding the shipped ``config.properties``.
-        env: extra environment for the server and its workers.
+        env: extra environment for the server and its workers (each server gets a private ``TMPDIR``
+            unless this sets one).
     """
 
     model_store: Path
@@ -131,6 +136,11 @@ class TorchServe:
                 "METRICS_LOCATION": str(self.workdir / "logs"),
             }
         )
+        # TorchServe keeps its PID file (a second server refuses to start while one runs) and its workers'
+        # sockets (the same names in every server) in the temp folder: each server gets its own, short
+        # (a Unix socket path has at most 107 bytes). TEMP reaches the JVM as -Djava.io.tmpdir.
+        self._tmp = tempfile.mkdtemp(prefix="lafam-ts-")
+        env.update({"TMPDIR": self._tmp, "TEMP": self._tmp})
         env.update(self.env)
         metrics_dir = Path(env["LAFAM_METRICS_DIR"])
         if metrics_dir.exists():  # a fresh server starts from zero
@@ -196,18 +206,50 @@ class TorchServe:
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             return json.loads(response.read())
 
+    def frontend_process(self) -> psutil.Process | None:
+        """Return the Java frontend (the ``java`` child of the ``torchserve`` launcher), or ``None``."""
+        if self.process is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "java" in child.name():
+                        return child
+        return None
+
+    def worker_processes(self) -> list[psutil.Process]:
+        """Return the live Python workers: descendants of the launcher running ``model_service_worker``."""
+        if self.process is None:
+            return []
+        workers = []
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any("model_service_worker" in part for part in child.cmdline()):
+                        workers.append(child)
+        return workers
+
+    def worker_pids(self, model: str, status: str = "READY") -> list[int]:
+        """Return the PIDs of ``model``'s workers in ``status``, as the management API describes them."""
+        described = self.get_json(self.url("management") + f"/models/{model}", api="management")
+        workers = described[0].get("workers", [])  # type: ignore[index]
+        return [int(w["pid"]) for w in workers if w.get("status") == status and w.get("pid") not in (None, -1)]
+
     def log_tail(self, lines: int = 60) -> str:
         """Return the last lines of TorchServe's console log."""
         path = self.workdir / "torchserve.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop the whole process group and wait until every port is closed.
+        """Stop the whole process group, wait until its processes have exited and every port is closed.
 
         Raises:
             ServerError: when ports are still open after ``timeout`` seconds even after SIGKILL.
         """
+        descendants: list[psutil.Process] = []
         if self.process is not None:
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(self.process.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -217,6 +259,12 @@ class TorchServe:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
             self.process = None
+        # The JVM can outlive the launcher and its ports; the next start refuses while it runs.
+        _, alive = psutil.wait_procs(descendants, timeout=timeout / 2)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=10)
         deadline = time.monotonic() + timeout / 2
         while any(port_open(port) for port in self.ports.values()):
             if time.monotonic() > deadline:
@@ -225,6 +273,9 @@ class TorchServe:
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
+        if getattr(self, "_tmp", None):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> TorchServe:
         return self.start()

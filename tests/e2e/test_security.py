@@ -44,11 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     root = tmp_path_factory.mktemp("security")
     store = root / "model_store"
     build_demo_archive(root, store, backend="onnx", name=MODEL, log=lambda _: None)
-    # TorchServe refuses to start while its pid file (in TMPDIR) names a live server: a private TMPDIR lets
-    # this server run beside another one on a shared machine.
-    private_tmp = root / "tmp"
-    private_tmp.mkdir()
-    instance = TorchServe(store, [MODEL], workdir=root / "ts", env={"TMPDIR": str(private_tmp)})
+    instance = TorchServe(store, [MODEL], workdir=root / "ts")
     instance.start(timeout=240)
     try:
         yield instance
