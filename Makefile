@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-fast bench eval lint format clean
+.PHONY: install demo test test-fast bench soak eval lint format clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: install
 	$(BIN)/python -m benchmarks.explain_speed --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.serving --write benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.soak --write benchmarks/RESULTS.md
+
+# The 10-minute mixed-load soak alone (also part of bench).
+soak: install
+	$(BIN)/python -m benchmarks.soak --write benchmarks/RESULTS.md
 
 # Scores every served explanation method on generated scenes with exact masks (README "Evaluation").
 eval: install
