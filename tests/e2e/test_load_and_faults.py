@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from export.server import TorchServe, port_open
+from export.server import TorchServe, port_open, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,14 +57,8 @@ def images_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
 
     workdir = tmp_path_factory.mktemp("ts")
-    # Its own PID file and worker sockets: other TorchServes on the machine neither block nor share them.
-    instance = TorchServe(store, [MODEL], workdir=workdir)
-    instance.start(timeout=240)
-    try:
+    with running(store, [MODEL], workdir=workdir) as instance:  # stop() checks every port closed
         yield instance
-    finally:
-        instance.stop()
-        assert not any(port_open(port) for port in instance.ports.values())
 
 
 def post(

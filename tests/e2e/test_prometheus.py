@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from demo.run import build_demo_archive
-from export.server import TorchServe, free_port, port_open
+from export.server import TorchServe, free_port, port_open, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -54,12 +54,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     # TorchServe.start points LAFAM_METRICS_ADDRESS at ports["lafam_metrics"] (a free port), overriding
     # the suite's LAFAM_METRICS_ADDRESS=off, as in test_torchserve.py.
     # The Kubernetes ConfigMap's token lifetime, so that the probe test below runs against it.
-    instance = TorchServe(store, [MODEL], workdir=root / "ts", config={"token_expiration_min": token_lifetime()})
-    instance.start(timeout=240)
-    try:
+    config = {"token_expiration_min": token_lifetime()}
+    with running(store, [MODEL], workdir=root / "ts", config=config) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def scrape_config(server: TorchServe, folder: Path) -> Path:

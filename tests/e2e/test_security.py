@@ -24,7 +24,7 @@ from PIL import Image
 
 import handlers
 from demo.run import build_demo_archive
-from export.server import REPO_CONFIG, TorchServe, port_open, read_properties
+from export.server import REPO_CONFIG, TorchServe, port_open, read_properties, running
 
 from .test_torchserve import call, predict
 
@@ -44,13 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     root = tmp_path_factory.mktemp("security")
     store = root / "model_store"
     build_demo_archive(root, store, backend="onnx", name=MODEL, log=lambda _: None)
-    instance = TorchServe(store, [MODEL], workdir=root / "ts")
-    instance.start(timeout=240)
-    try:
+    with running(store, [MODEL], workdir=root / "ts") as instance:  # stop() checks every port closed
         yield instance
-    finally:
-        instance.stop()
-        assert not any(port_open(port) for port in instance.ports.values())
 
 
 @pytest.fixture(scope="module")

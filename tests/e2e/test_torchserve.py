@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from demo.run import build_demo_archive
 from demo.scenes import save_samples
-from export.server import TorchServe, port_open
+from export.server import TorchServe, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -53,13 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     for name, backend in MODELS.items():
         build_demo_archive(root, store, backend=backend, name=name, log=lambda _: None)
     # A checkout-free run: TorchServe works in its own folder and imports the code from the archives.
-    instance = TorchServe(store, list(MODELS), workdir=root / "ts")
-    instance.start(timeout=240)
-    try:
+    with running(store, list(MODELS), workdir=root / "ts") as instance:  # stop() checks every port closed
         yield instance
-    finally:
-        instance.stop()
-        assert not any(port_open(port) for port in instance.ports.values())
 
 
 def call(

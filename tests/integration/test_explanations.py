@@ -21,17 +21,16 @@ import torch
 import torchvision
 from PIL import Image
 
-import demo
 from demo.scenes import generate_scene
 from export.archive import build_archive, model_config
 from export.exporter import export_model
 from handlers.eager import load_eager
 from handlers.handler import LafamHandler
 from handlers.manifest import Manifest, ManifestError
+from tests.demo_export import DEMO, export_demo
 from tests.unit.conftest import FakeContext
 from tests.unit.test_metrics import sample
 
-DEMO = Path(demo.__file__).parent
 LABELS = tuple((DEMO / "labels.txt").read_text().split())
 METHODS = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
 BACKWARD = METHODS[:-1]
@@ -49,20 +48,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folders = export_model(
-        "demo.model:shapes_cnn",
-        tmp_path_factory.mktemp("shapes"),
-        backends=("torchscript",),
-        weights=DEMO / "weights" / "shapes_cnn.pt",
-        labels=DEMO / "labels.txt",
-        input_size=(128, 128),
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        name="shapes",
-        eager=True,
-        log=lambda _: None,
-    )
-    return folders["torchscript"]
+    return export_demo(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")

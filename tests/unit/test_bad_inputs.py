@@ -28,16 +28,14 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
 from demo.scenes import generate_scene
-from export.exporter import export_model
 from handlers.handler import LafamHandler
+from tests.demo_export import export_demo
 
 from .conftest import FakeContext, image_bytes
 
 JSON = "application/json"
 EXPLAIN = {"explain": "True"}  # what TorchServe adds to a request to POST /explanations/{model}
-DEMO = Path(demo.__file__).parent
 
 
 # forged and unusual images
@@ -378,20 +376,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def shapes_export(tmp_path_factory: pytest.TempPathFactory, _one_thread: None) -> Path:
-    folders = export_model(
-        "demo.model:shapes_cnn",
-        tmp_path_factory.mktemp("shapes"),
-        backends=("torchscript",),
-        weights=DEMO / "weights" / "shapes_cnn.pt",
-        labels=DEMO / "labels.txt",
-        input_size=(128, 128),
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        name="shapes",
-        eager=True,
-        log=lambda _: None,
-    )
-    return folders["torchscript"]
+    return export_demo(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
