@@ -7,26 +7,19 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from demo.run import build_demo_archive
 from evaluation.runner import GRID_PAIRS, METHODS
 from export.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     return build_demo_archive(root, root / "store", backend="torchscript", log=lambda _: None)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_eval_writes_tables_json_and_montage(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

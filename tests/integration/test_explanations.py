@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,12 @@ from tests.demo_export import DEMO, export_demo
 from tests.unit.conftest import FakeContext
 from tests.unit.test_metrics import sample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LABELS = tuple((DEMO / "labels.txt").read_text().split())
 METHODS = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
 BACKWARD = METHODS[:-1]
 CLASS_METHODS = METHODS[1:-1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the explanations run ~30x slower when two threads fight over a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ normalisation shows. Tolerance everywhere: ``max |a - b| <= 1e-4 * max |eager|``
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,9 @@ from handlers.manifest import MANIFEST_FILE, Manifest, sha256_file
 from tests.tiny_models import Encoder
 
 THIS = __name__
-pytestmark = pytest.mark.slow  # builds and exports nine model families
+# Builds and exports nine model families; on one torch thread (OpenMP threads waiting on each other on a
+# shared 2-core machine made TorchScript up to 100x slower).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TOLERANCE = DEFAULT_TOLERANCE
 
 
@@ -55,16 +57,6 @@ def build_encoder_net(num_classes: int = 10) -> EncoderNet:
 
 def build_fully_convolutional() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: on a shared 2-core machine OpenMP threads that wait on each other under
-    contention made the TorchScript runs up to 100x slower, and the results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,13 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from demo.scenes import generate_scene
@@ -367,15 +366,7 @@ def test_batch_of_every_case_each_answered_alone(handler: LafamHandler, tiny_exp
 
 
 @pytest.fixture(scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shapes_export(tmp_path_factory: pytest.TempPathFactory, _one_thread: None) -> Path:
+def shapes_export(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
     return export_demo(tmp_path_factory.mktemp("shapes"))
 
 

@@ -7,7 +7,6 @@ autograd, closed form vs autograd, vectorised vs scalar loops); ``EXACT`` where 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -455,15 +454,6 @@ def test_explain_with_lrp_base_equals_slow_reference(resnet: nn.Module) -> None:
 # ---- fast LRP distribution ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two threads make LRP ~30x slower (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _slow_fast_lrp(
     model: nn.Module, lrp: LRP, x: torch.Tensor, layer: str, classes: torch.Tensor, temperature: float, tau: float
 ) -> torch.Tensor:
@@ -481,7 +471,7 @@ def _slow_fast_lrp(
     return lrp.relevance(x, classes=classes[:, 0], mask=(layer, mask.float())).maps[:, None]
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])  # closed-form Grad-CAM at layer4, autograd at layer3
 def test_fast_lrp_equals_slow_reference(resnet: nn.Module, layer: str) -> None:
     x = _x(2, 64, seed=3)
@@ -500,7 +490,7 @@ def test_fast_lrp_equals_slow_reference(resnet: nn.Module, layer: str) -> None:
     torch.testing.assert_close(result.maps, reference, rtol=0.0, atol=1e-5 * float(reference.abs().max()))
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_fast_lrp_explicit_classes_and_parameters(resnet: nn.Module) -> None:
     x = _x(1, 64, seed=4)
     lrp = LRP(resnet)
@@ -511,7 +501,7 @@ def test_fast_lrp_explicit_classes_and_parameters(resnet: nn.Module) -> None:
     torch.testing.assert_close(result.maps, reference, rtol=0.0, atol=1e-5 * float(reference.abs().max()))
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_fast_lrp_single_class_is_empty(resnet: nn.Module) -> None:
     # K = 1: M = 1 and M - 1/K = 0 is never > tau, so the mask (and the map) is zero everywhere (exact).
     result = fast_lrp(resnet, LRP(resnet), _x(1, 64), "layer4", classes=[3])
@@ -521,7 +511,7 @@ def test_fast_lrp_single_class_is_empty(resnet: nn.Module) -> None:
     assert not result.maps.any()
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_fast_lrp_leaves_the_model_untouched(resnet: nn.Module) -> None:
     x = _x(2, 64, seed=5)
     state = {k: v.clone() for k, v in resnet.state_dict().items()}
@@ -540,7 +530,7 @@ def test_fast_lrp_leaves_the_model_untouched(resnet: nn.Module) -> None:
     assert not resnet.training
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_fast_lrp_rejects_bad_arguments(resnet: nn.Module) -> None:
     lrp = LRP(resnet)
     with pytest.raises(ValueError, match="temperature"):

@@ -14,18 +14,12 @@ from torch import nn
 from handlers.explain import lrp as lrp_module
 from handlers.explain.lrp import LRP
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EPS = 1e-6
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 WEIGHTS = Path(__file__).resolve().parents[2] / "demo" / "weights" / "shapes_cnn.pt"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, *, zero_shift: bool = False) -> nn.Module:
