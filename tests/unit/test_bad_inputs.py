@@ -17,7 +17,6 @@ import io
 import json
 import math
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,27 +31,13 @@ from handlers.handler import LafamHandler
 from tests.demo_export import export_demo
 
 from .conftest import FakeContext, image_bytes
+from .test_images import png_chunk, png_claiming
 
 JSON = "application/json"
 EXPLAIN = {"explain": "True"}  # what TorchServe adds to a request to POST /explanations/{model}
 
 
 # forged and unusual images
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A well-formed PNG header claiming ``width x height`` 8-bit gray pixels, with 10 bytes of data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\x00" * 10))
-        + _chunk(b"IEND", b"")
-    )
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save: Any) -> bytes:
@@ -71,7 +56,7 @@ TRUNCATED_PNG = encode(noise())[: len(encode(noise())) // 2]
 TRUNCATED_JPEG = encode(noise(), "JPEG")[: len(encode(noise(), "JPEG")) // 2]
 # valid signature, IHDR of the right length but garbage content and a wrong CRC
 BROKEN_IHDR_PNG = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + b"\xff" * 13 + b"\x00" * 4
-SHORT_IHDR_PNG = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", b"\x00\x01")
+SHORT_IHDR_PNG = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", b"\x00\x01")
 # SOI, then a start-of-frame segment claiming 65535x65535 with 1 component and no tables or data
 CORRUPT_JPEG = b"\xff\xd8\xff\xc0\x00\x11\x08\xff\xff\xff\xff" + b"\x00" * 40
 ZERO_WIDTH_PNG = png_claiming(0, 10)
