@@ -11,8 +11,20 @@ import torch
 import torchvision
 from torch import nn
 
-from handlers.explain import lrp as lrp_module
-from handlers.explain.lrp import LRP
+from handlers.explain.lrp import (
+    LRP,
+    Epsilon,
+    Flat,
+    Gamma,
+    Norm,
+    Op,
+    Pass,
+    Route,
+    Unsupported,
+    ZBox,
+    ZPlus,
+    default_rules,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,16 +125,14 @@ def make_conv(seed: int = 0) -> nn.Conv2d:
     return conv
 
 
-def conv_node(conv: nn.Conv2d, rule: str) -> lrp_module._Conv:
-    node = lrp_module._Conv(
-        conv, conv.weight.detach().clone(), conv.bias.detach().clone(), EPS, nonnegative_input=False
-    )
-    node.rule = rule
-    node.low = torch.full((1, 2, 1, 1), -1.0)
-    node.high = torch.full((1, 2, 1, 1), 2.0)
-    node.box_weight = torch.cat([node.weight, node.w_pos, node.w_neg], dim=1)
-    node.box_bounds_weight = (node.w_pos * node.low + node.w_neg * node.high).sum(1, keepdim=True)
-    return node
+def apply_rule(rule, module: nn.Module, x: torch.Tensor, r: torch.Tensor | None = None, *, nonnegative=False):
+    """Run one rule on one module outside any model: ``(output, input relevance)`` for output relevance ``r``."""
+    op = Op("node", "call_module", "m", "module 'm'", module, module, 1, lambda args, kwargs: [args[0]], (nonnegative,))
+    rule.setup(op)
+    with torch.no_grad():
+        y, saved = rule.forward(op, (x,), {})
+        r = torch.rand_like(y) if r is None else r
+        return y, r, rule.relevance(op, r, saved)[0]
 
 
 def slow_rule(z: torch.Tensor, denominator: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -138,10 +148,7 @@ def slow_rule(z: torch.Tensor, denominator: torch.Tensor, r: torch.Tensor) -> to
 def test_zplus_matches_matrix_form(signed_input):
     conv = make_conv()
     x = torch.rand(1, 2, 5, 5) if not signed_input else torch.randn(1, 2, 5, 5)
-    node = conv_node(conv, "zplus")
-    y, saved = node.forward(x)
-    r = torch.rand_like(y)
-    got = node.relevance(r, saved)
+    y, r, got = apply_rule(ZPlus(EPS), conv, x, nonnegative=not signed_input)
     m = conv_matrix(conv, (2, 5, 5))
     xf = x.double().flatten()
     b = conv.bias.detach().double().repeat_interleave(y.shape[-1] * y.shape[-2])
@@ -151,19 +158,25 @@ def test_zplus_matches_matrix_form(signed_input):
     torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-6)
 
 
+def test_gamma_matches_matrix_form():
+    conv = make_conv(4)
+    x = torch.randn(1, 2, 5, 5)
+    _, r, got = apply_rule(Gamma(0.25, EPS), conv, x)
+    m = conv_matrix(conv, (2, 5, 5))
+    xf = x.double().flatten()
+    b = conv.bias.detach().double().repeat_interleave(9)
+    z = xf.clamp(min=0) * (m + 0.25 * m.clamp(min=0)) + xf.clamp(max=0) * (m + 0.25 * m.clamp(max=0))
+    expected = slow_rule(z, z.sum(1) + b + 0.25 * b.clamp(min=0), r.double().flatten())
+    torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_zbox_matches_matrix_form():
     conv = make_conv(1)
     x = torch.rand(1, 2, 5, 5) * 3 - 1  # inside [low, high] = [-1, 2]
-    node = conv_node(conv, "zbox")
-    y, saved = node.forward(x)
-    r = torch.randn_like(y)
-    got = node.relevance(r, saved)
+    _, r, got = apply_rule(ZBox(torch.full((2,), -1.0), torch.full((2,), 2.0), EPS), conv, x)
     m = conv_matrix(conv, (2, 5, 5))
-    xf, low, high = (
-        x.double().flatten(),
-        torch.full_like(x.double().flatten(), -1),
-        torch.full_like(x.double().flatten(), 2),
-    )
+    xf = x.double().flatten()
+    low, high = torch.full_like(xf, -1), torch.full_like(xf, 2)
     z = xf * m - low * m.clamp(min=0) - high * m.clamp(max=0)  # biases cancel between the three terms
     expected = slow_rule(z, z.sum(1), r.double().flatten())
     torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-5, atol=1e-6)
@@ -172,10 +185,7 @@ def test_zbox_matches_matrix_form():
 def test_flat_matches_matrix_form():
     conv = make_conv(2)
     x = torch.randn(2, 2, 5, 5)
-    node = conv_node(conv, "flat")
-    y, saved = node.forward(x)
-    r = torch.randn_like(y)
-    got = node.relevance(r, saved)
+    _, r, got = apply_rule(Flat(EPS), conv, x)
     z = (conv_matrix(conv, (2, 5, 5)) != 0).double()  # every weight 1 inside the receptive field
     for n in range(2):
         expected = slow_rule(z, z.sum(1), r[n].double().flatten())
@@ -184,48 +194,68 @@ def test_flat_matches_matrix_form():
 
 def test_epsilon_linear_matches_matrix_form():
     torch.manual_seed(3)
-    w, b = torch.randn(4, 6), torch.tensor([0.5, -0.5, 0.0, 1.0])
-    node = lrp_module._Linear(w, b, 0.01)
+    linear = nn.Linear(6, 4)
+    with torch.no_grad():
+        linear.bias.copy_(torch.tensor([0.5, -0.5, 0.0, 1.0]))
     x = torch.randn(1, 6)
-    y, saved = node.forward(x)
-    r = torch.randn_like(y)
-    got = node.relevance(r, saved)[0].double()
-    z = x.double()[0] * w.double()  # (out, in)
+    _, r, got = apply_rule(Epsilon(0.01), linear, x, torch.randn(1, 4))
+    w, b = linear.weight.detach().double(), linear.bias.detach().double()
+    z = x.double()[0] * w  # (out, in)
     expected = torch.zeros(6, dtype=torch.float64)
     for j in range(4):
         d = z[j].sum() + b[j]
         expected += z[j] * r[0, j] / (d + 0.01 * (1 if d >= 0 else -1))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_convolutions_run_epsilon_and_the_others_zplus():
+    """x = (1, 3) under a 1x2 kernel (2, -1): y = -1. ε: R_x = x ⊙ w / y · R = (-2, 3)·R; z⁺: (1, 0)·R."""
+    depthwise = nn.Conv2d(2, 2, (1, 2), groups=2, bias=False)
+    dense = nn.Conv2d(1, 1, (1, 2), bias=False)
+    with torch.no_grad():
+        depthwise.weight.copy_(torch.tensor([2.0, -1.0]).view(1, 1, 1, 2).repeat(2, 1, 1, 1))
+        dense.weight.copy_(torch.tensor([2.0, -1.0]).view(1, 1, 1, 2))
+    rule = default_rules()[nn.Conv2d]
+    x = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    _, _, got = apply_rule(rule, depthwise, x.repeat(1, 2, 1, 1), torch.ones(1, 2, 1, 1), nonnegative=True)
+    torch.testing.assert_close(got[0, 0, 0], torch.tensor([-2.0, 3.0]), rtol=1e-5, atol=1e-5)
+    _, _, got = apply_rule(default_rules()[nn.Conv2d], dense, x, torch.ones(1, 1, 1, 1), nonnegative=True)
+    torch.testing.assert_close(got[0, 0, 0], torch.tensor([1.0, 0.0]), rtol=1e-5, atol=1e-5)
 
 
 def test_avgpool_is_proportional_and_maxpool_is_winner_take_all():
     x = torch.rand(1, 1, 4, 4)
-    avg = lrp_module._AvgPool(nn.AvgPool2d(2), EPS)
-    y, saved = avg.forward(x)
-    r = torch.rand_like(y)
-    got = avg.relevance(r, saved)
+    y, r, got = apply_rule(Norm(EPS), nn.AvgPool2d(2), x)
     for i in range(4):
         for j in range(4):
             window = x[0, 0, i // 2 * 2 : i // 2 * 2 + 2, j // 2 * 2 : j // 2 * 2 + 2]
-            expected = x[0, 0, i, j] / (window.sum() + EPS) * r[0, 0, i // 2, j // 2]
+            expected = x[0, 0, i, j] / (window.sum() / 4 + EPS) / 4 * r[0, 0, i // 2, j // 2]
             torch.testing.assert_close(got[0, 0, i, j], expected, rtol=1e-5, atol=1e-7)
-    mx = lrp_module._MaxPool(nn.MaxPool2d(2))
-    y, saved = mx.forward(x)
-    got = mx.relevance(r, saved)
+    y, r, got = apply_rule(Route(), nn.MaxPool2d(2), x, r)
     winners = x == nn.functional.interpolate(y, scale_factor=2)
     torch.testing.assert_close(got[winners], r.flatten())
     assert float(got[~winners].abs().max()) == 0.0
 
 
+class Residual(nn.Module):
+    """``relu(2x - 1 + x)``: the residual sum of a linear branch and the identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.branch.weight.fill_(2.0)
+            self.branch.bias.fill_(-1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.branch(x) + x).flatten(1)
+
+
 def test_residual_sum_splits_in_proportion():
-    main = lrp_module._Chain([lrp_module._Identity()])
-    short = lrp_module._Chain([])
-    block = lrp_module._Residual(main, short, EPS)
-    block.main = lrp_module._Chain([lrp_module._Linear(torch.tensor([[2.0]]), torch.tensor([-1.0]), EPS)])
-    _, saved = block.forward(torch.tensor([[3.0]]))  # main 5, shortcut 3, y 8
-    got = block.relevance(torch.tensor([[8.0]]), saved)
-    # main gets 5/8 * 8 = 5 → Epsilon with bias -1: 6/5 * 5 = 6; shortcut gets 3; total 9 (bias absorbed -1)
-    torch.testing.assert_close(got, torch.tensor([[9.0]]), rtol=1e-5, atol=1e-5)
+    result = LRP(Residual()).relevance(torch.full((1, 1, 1, 1), 3.0), classes=torch.tensor([0]))
+    # main 5, shortcut 3, y 8: main gets 5/8 * 8 = 5 → Epsilon with bias -1: 6/5 * 5 = 6; shortcut gets 3;
+    # total 9 (the bias absorbed -1).
+    torch.testing.assert_close(result.maps.sum(), torch.tensor(9.0), rtol=1e-5, atol=1e-5)
 
 
 # --- conservation ---------------------------------------------------------------------------------------------
@@ -376,30 +406,62 @@ def test_unknown_layer_suggests_close_matches():
     assert "layer4.1" in lrp.layers
 
 
-class Odd(nn.Module):
+class Softmaxed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
-
-
-class Reordered(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(4, 2)
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x).mean((2, 3)))
+        return torch.softmax(self.conv(x), dim=1).mean((2, 3))
 
 
-def test_unsupported_modules_raise():
-    with pytest.raises(ValueError, match=r"'act' of type GELU is unsupported; LRP supports Conv2d"):
-        LRP(Odd())
-    with pytest.raises(ValueError, match=r"BatchNorm2d must directly follow"):
-        LRP(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
-    with pytest.raises(ValueError, match="chain of its modules"):
-        LRP(Reordered().eval()).label_free(torch.randn(1, 3, 8, 8), "conv")
+class Branching(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean((2, 3))
+        return y if y.sum() > 0 else -y  # control flow on values: cannot be traced
+
+
+class Scaled(nn.Module):
+    """A user's own activation module (no rule by default: its forward calls torch.erf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5 * (1.0 + torch.erf(x / 1.41421356))
+
+
+class ScaledWithRule(Scaled):
+    lrp_rule = "pass"
+
+
+def with_act(act: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+
+def test_unsupported_operations_name_the_module_and_its_type():
+    with pytest.raises(Unsupported, match=r"module '1' of type PReLU has no LRP rule \(add one: rules=\{PReLU"):
+        LRP(with_act(nn.PReLU()))
+    with pytest.raises(Unsupported, match=r"function torch\.erf in module '1' \(Scaled\) has no LRP rule"):
+        LRP(with_act(Scaled()))
+    with pytest.raises(Unsupported, match=r"function torch\.softmax in the model's own forward \(Softmaxed\)"):
+        LRP(Softmaxed())
+    with pytest.raises(Unsupported, match=r"forward of Branching cannot be traced"):
+        LRP(Branching())
+    with pytest.raises(Unsupported, match=r"module '0' \(Conv2d\).*padding_mode='reflect'"):
+        LRP(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten()))
+    assert issubclass(Unsupported, ValueError)
+
+
+def test_a_user_rule_explains_what_the_defaults_cannot():
+    x = torch.randn(2, 3, 8, 8)
+    for lrp in (LRP(with_act(nn.PReLU()), rules={nn.PReLU: Pass()}), LRP(with_act(ScaledWithRule()))):
+        result = lrp.relevance(x, classes=torch.tensor([0, 1]))
+        assert result.maps.shape == (2, 8, 8)
+        assert bool(result.maps.isfinite().all())
+    assert LRP(with_act(Scaled()), rules={torch.erf: Pass()}).label_free(x, "1").shape == (2, 8, 8)
 
 
 def test_bad_arguments(seq_lrp):
@@ -522,3 +584,166 @@ def test_mask_rejects_wrong_shapes_and_k_classes(seq_lrp):
 def test_bad_chunk_size_raises(chunk_size):
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
         LRP(small_net(), chunk_size=chunk_size)
+
+
+# --- each glue rule on a tiny hand-set model with exact values ---------------------------------------------------
+
+
+class Head(nn.Module):
+    """``body(x)`` flattened, then a bias-free Linear with hand-set weights (Epsilon seeds R = its inputs' shares)."""
+
+    def __init__(self, body: nn.Module, weights: list[float]) -> None:
+        super().__init__()
+        self.body = body
+        self.fc = nn.Linear(len(weights), 1, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([weights]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def input_relevance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-feature input relevance of logit 0 for x of shape (1, C, 1, W), as (C, W)."""
+    graph_lrp = LRP(model)
+    with torch.no_grad():
+        env, saved = graph_lrp._graph.run(x, keep=[graph_lrp._graph.logits])
+        pending = graph_lrp._graph.propagate({graph_lrp._graph.logits: env[graph_lrp._graph.logits]}, saved)
+    return pending[graph_lrp._graph.input][0, :, 0]
+
+
+def test_gate_the_signal_takes_all():
+    """y = x ⊙ sigmoid(mean x): logit = Σ y, so R_y = y and the signal gets it all: R_x = x·g, the gate none."""
+
+    def se(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+
+    x = torch.tensor([2.0, 3.0]).view(1, 1, 1, 2)
+    gate = torch.sigmoid(torch.tensor(2.5))
+    got = input_relevance(Head(Lambda(se), [1.0, 1.0]), x)
+    torch.testing.assert_close(got[0], torch.tensor([2.0, 3.0]) * gate, rtol=1e-5, atol=1e-6)
+    # A constant factor (a layer scale) passes relevance unchanged: R_x = R_y = 3x.
+    got = input_relevance(Head(Lambda(lambda x: x * 3.0), [1.0, 1.0]), x)
+    torch.testing.assert_close(got[0], torch.tensor([6.0, 9.0]), rtol=1e-5, atol=1e-6)
+
+
+class FunctionalNorm(nn.Module):
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (3,), self.norm.weight, self.norm.bias, 0.0)
+
+
+def test_layer_norm_treats_sigma_as_constant():
+    """x = (1, 2, 6): μ = 3, σ = √(14/3); w = (1, 2, 1), b = (0, 0, 0.5). R_y = y (Σ-head), g = w/σ,
+    R_x = x ⊙ (g − mean g) = (−1/3, 4/3, −2)/σ; the bias absorbs its share (Σ R_x = Σ (y − b))."""
+    norm = nn.LayerNorm(3, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 0.0, 0.5]))
+    sigma = (14 / 3) ** 0.5
+    x = torch.tensor([1.0, 2.0, 6.0]).view(1, 1, 1, 3)
+    got = input_relevance(Head(norm, [1.0, 1.0, 1.0]), x)
+    # The logit is small (Σ y = 0.037), so the head's ε = 1e-6 shifts every value by 3e-5 relative.
+    torch.testing.assert_close(got[0], torch.tensor([-1 / 3, 4 / 3, -2.0]) / sigma, rtol=1e-4, atol=1e-6)
+    # The functional form (ConvNeXt's LayerNorm2d calls F.layer_norm) gives the same.
+    functional = FunctionalNorm(norm)
+    torch.testing.assert_close(input_relevance(Head(functional, [1.0, 1.0, 1.0]), x), got, rtol=1e-6, atol=1e-6)
+
+
+def test_route_follows_chunk_cat_and_channel_shuffle():
+    """Channels (a, b, c, d) → chunk → cat(second half, first half) → shuffle of 2 groups: (c, a, d, b).
+    With head weights w, each input channel gets w at its new place times itself."""
+
+    def shuffle(x: torch.Tensor) -> torch.Tensor:
+        first, second = x.chunk(2, dim=1)
+        y = torch.cat([second, first], dim=1)
+        n, c, h, w = y.size()
+        return torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+    weights = [10.0, 20.0, 30.0, 40.0]
+    assert shuffle(x).flatten().tolist() == [3.0, 1.0, 4.0, 2.0]
+    got = input_relevance(Head(Lambda(shuffle), weights), x)
+    torch.testing.assert_close(got[:, 0], torch.tensor([1 * 20.0, 2 * 40.0, 3 * 10.0, 4 * 30.0]), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_splits_sums_and_means_in_proportion():
+    """s = 3x + x = 4x → R of both branches in proportion (3/4, 1/4), back to x: R_x = s; the mean over the
+    width splits its relevance in proportion to each value."""
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        return (x * 3.0 + x).mean(3)
+
+    x = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    got = input_relevance(Head(Lambda(body), [1.0]), x)
+    torch.testing.assert_close(got[0], torch.tensor([4.0, 12.0]) / 2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.Hardswish(), nn.ReLU6(), nn.functional.silu])
+def test_activations_pass_relevance_unchanged(act):
+    """logit = Σ act(x) (identity Linear before): R at the activation's output is act(x) and passes as is."""
+    first = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(2))
+    body = nn.Sequential(first, act if isinstance(act, nn.Module) else Lambda(act))
+    x = torch.tensor([-0.5, 2.0]).view(1, 1, 1, 2)
+    got = input_relevance(Head(body, [1.0, 1.0]), x)
+    torch.testing.assert_close(got[0], act(x)[0, 0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_max_pooling_winner_takes_all():
+    x = torch.tensor([[1.0, 4.0], [3.0, 2.0]]).view(1, 1, 2, 2)
+    model = Head(nn.AdaptiveMaxPool2d(1), [2.0])
+    graph_lrp = LRP(model)
+    result = graph_lrp.relevance(x, classes=torch.tensor([0]))
+    torch.testing.assert_close(result.maps[0], torch.tensor([[0.0, 8.0], [0.0, 0.0]]), rtol=1e-6, atol=1e-6)
+
+
+# --- the chain engine's results, kept -------------------------------------------------------------------------
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "lrp_chain_reference.pt"
+
+
+def reference_model(name: str) -> nn.Module:
+    """The models ``tests/data/lrp_chain_reference.pt`` was made with (the chain engine of commit ac60442)."""
+    torch.manual_seed(0)
+    if name != "vgg11_bn":
+        return randomize_bn(getattr(torchvision.models, name)(weights=None, num_classes=10))
+    model = torchvision.models.vgg11_bn(weights=None)
+    model.avgpool = nn.AdaptiveAvgPool2d(2)
+    model.classifier = nn.Sequential(
+        nn.Linear(2048, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 10),
+    )
+    return randomize_bn(model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11_bn"])
+def test_same_results_as_the_chain_engine(name):
+    """ResNet and VGG: the graph engine gives the chain engine's maps to 1e-5 of their largest value."""
+    expected = torch.load(REFERENCE, weights_only=True)[name]
+    lrp = LRP(reference_model(name))
+    x = expected["x"]
+    checks = {"classes_maps": lrp.for_classes(x, expected["classes"])}
+    checks |= {key: lrp.label_free(x, key[6:]) for key in expected if key.startswith("layer:")}
+    for key, got in checks.items():
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(got, expected[key], rtol=0.0, atol=1e-5 * scale, msg=key)
