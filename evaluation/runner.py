@@ -26,6 +26,8 @@ import torch
 from tqdm import tqdm
 
 from handlers.explain.lafam import resize_maps
+from handlers.methods import Need, contract, registry
+from handlers.methods.bases import BASES
 
 from . import metrics
 from .data import Grid, Sample
@@ -40,38 +42,84 @@ class Method:
         name: the name in the results.
         options: request options (``method``, ``base``...).
         upsample: how the native map is brought to the image (``nearest`` as in LaFAM's paper, ``bilinear``).
-        per_class: the method explains a class (the map of the target class is scored).
     """
 
     name: str
     options: dict[str, Any]
     upsample: str = "nearest"
-    per_class: bool = False
 
     @property
-    def distribution(self) -> bool:
+    def entry(self) -> contract.Method | None:
+        """The registered method requested (``None`` for a method this server version does not know)."""
+        return registry.find(self.options["method"])
+
+    @property
+    def per_class(self) -> bool:
+        """The method explains a class (the map of the target class is scored)."""
+        return self.entry is not None and Need.CLASSES in self.entry.needs
+
+    @property
+    def competes(self) -> bool:
         """Whether classes compete (attribution distributions)."""
-        return str(self.options["method"]).startswith("distribution")
+        return self.entry is not None and self.entry.competes
+
+    @property
+    def target_only(self) -> bool:
+        """Only the first requested class (the target) gets a map."""
+        return self.entry is not None and self.entry.target_only
 
 
-METHODS: tuple[Method, ...] = (
-    Method("LaFAM (nearest)", {"method": "lafam"}),
-    Method("LaFAM (bilinear)", {"method": "lafam"}, upsample="bilinear"),
-    Method("LRP label-free", {"method": "lrp"}),
-    Method("LRP class", {"method": "lrp_class"}, per_class=True),
-    Method("Grad-CAM", {"method": "gradcam"}, per_class=True),
-    Method("distribution · Grad-CAM", {"method": "distribution", "base": "gradcam"}, per_class=True),
-    Method("distribution · input×gradient", {"method": "distribution", "base": "input_x_gradient"}, per_class=True),
-    Method("distribution · LRP", {"method": "distribution", "base": "lrp"}, per_class=True),
-    Method("distribution fast · LRP", {"method": "distribution_fast", "base": "lrp"}, per_class=True),
-)
-"""The served methods, in table order."""
+@dataclass(frozen=True)
+class Variant:
+    """An evaluation-only variant of a registered method: its base and how its map is upsampled."""
 
-GRID_PAIRS: tuple[tuple[str, str], ...] = (
-    ("Grad-CAM", "distribution · Grad-CAM"),
-    ("LRP class", "distribution · LRP"),
-    ("LRP class", "distribution fast · LRP"),
-)
+    base: str | None = None
+    upsample: str | None = None
+
+
+VARIANTS: dict[str, tuple[Variant, ...]] = {
+    "lafam": (Variant(upsample="nearest"), Variant(upsample="bilinear")),
+    "distribution_fast": (Variant(base="lrp"),),
+}
+"""The evaluation-only variants, declared here once. A registered method not listed is evaluated once per
+base it declares (or once), upsampled ``nearest``; an ``upsample`` given here is named in the results."""
+
+
+def variants(methods: tuple[contract.Method, ...] | None = None) -> tuple[Method, ...]:
+    """The evaluated methods: every registered method (or those given) with its :data:`VARIANTS`."""
+    out = []
+    for entry in registry.methods() if methods is None else methods:
+        declared = VARIANTS.get(entry.name) or tuple(Variant(base=b) for b in entry.bases) or (Variant(),)
+        for variant in declared:
+            name, options = entry.title, {"method": entry.name}
+            if variant.base is not None:
+                name, options = f"{name} · {BASES[variant.base].title}", {**options, "base": variant.base}
+            if variant.upsample is not None:
+                name = f"{name} ({variant.upsample})"
+            out.append(Method(name, options, variant.upsample or "nearest"))
+    return tuple(out)
+
+
+def grid_pairs(methods: tuple[Method, ...]) -> tuple[tuple[str, str], ...]:
+    """(base method, its attribution distribution) pairs for the grid pointing game.
+
+    Each competing variant is paired with the registered method that computes its base alone
+    (:attr:`~handlers.methods.bases.BaseAttribution.method`), when both are evaluated.
+    """
+    by_options = {(m.options["method"], m.options.get("base")): m.name for m in methods}
+    pairs = []
+    for method in methods:
+        base = method.options.get("base")
+        alone = BASES[base].method if method.competes and base in BASES else None
+        if alone is not None and (alone, None) in by_options:
+            pairs.append((by_options[(alone, None)], method.name))
+    return tuple(pairs)
+
+
+METHODS: tuple[Method, ...] = variants()
+"""The served methods, in table order (derived from the registry and :data:`VARIANTS`)."""
+
+GRID_PAIRS: tuple[tuple[str, str], ...] = grid_pairs(METHODS)
 """(base method, its attribution distribution) compared side by side in the grid pointing game."""
 
 
@@ -141,7 +189,7 @@ def score(saliency: np.ndarray, mask: np.ndarray) -> dict[str, float]:
 
 def class_options(method: Method, target: int, ranking: Sequence[int]) -> dict[str, Any]:
     """The class options of a request explaining ``target`` (see the module docstring)."""
-    if not method.distribution:
+    if not method.competes:
         return {"classes": [target]}
     if ranking and ranking[0] == target:
         return {"top_classes": 2, "least_likely": True}
@@ -214,7 +262,7 @@ def grid_game(
 
     Each grid's four classes are explained together (explicit ``classes``, so they are also the competitors
     of the distributions); class c's map is scored against c's quadrant. ``distribution_fast`` returns
-    only its target's map, so it is asked once per quadrant with that quadrant's class first.
+    only its target's map (``target_only``), so it is asked once per quadrant with that quadrant's class first.
     """
     wanted = {name for pair in GRID_PAIRS for name in pair}
     chosen = [m for m in methods if m.name in wanted]
@@ -225,7 +273,7 @@ def grid_game(
         for method in chosen:
             orders = (
                 [[c, *(o for o in grid.labels if o != c)] for c in grid.labels]
-                if method.options["method"] == "distribution_fast"
+                if method.target_only
                 else [list(grid.labels)]
             )
             try:

@@ -12,6 +12,7 @@ on copies of the model: the served one is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 from collections.abc import Sequence
@@ -22,12 +23,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from handlers.explain.gradients import capture, resolve_layer
-from handlers.explain.lafam import lafam, resize_maps
-from handlers.explainers import BackwardExplainer
+from handlers.errors import InvalidOption
+from handlers.explain.gradients import capture, logits_of, resolve_layer
+from handlers.explain.lafam import resize_maps
 from handlers.images import decode
 from handlers.manifest import Manifest
-from handlers.options import BACKWARD_METHODS, parse_options
+from handlers.methods import Endpoint, Engines, Inputs, Need, capabilities, choose_classes, registry
+from handlers.options import parse_options
 
 from . import metrics
 from .data import Sample
@@ -75,27 +77,35 @@ def _randomise(module: nn.Module) -> None:
 
 
 class _LocalMethods:
-    """Every served method computed directly on a given eager model (the same code the worker runs)."""
+    """Every registered method computed directly on a given eager model (the same code the worker runs).
+
+    The eager model stands in for the served graph: forward methods get its activations at the exported
+    layers, backward methods the :class:`~handlers.methods.Engines` built from it.
+    """
 
     def __init__(self, model: nn.Module, manifest: Manifest) -> None:
         self.model = model.eval()
         self.manifest = manifest
-        self.explainer = BackwardExplainer(self.model, manifest)
+        self.engines = Engines(self.model, manifest)
+        self.capabilities = capabilities(manifest, self.engines)
 
     def map(self, x: torch.Tensor, method: Method, target: int | None, ranking: list[int]) -> np.ndarray:
-        size = self.manifest.input_size
-        name = method.options["method"]
-        if name == "lafam":
-            with torch.no_grad(), capture(resolve_layer(self.model, self.manifest.layers[0].name)) as outs:
-                self.model(x[None])
-            return resize_maps(lafam(outs[0]), size, method.upsample)[0].double().numpy()
+        entry = registry.get(method.options["method"])
         body = {**method.options, **(class_options(method, target, ranking) if method.per_class else {})}
-        options = parse_options(self.manifest, body=body, methods=BACKWARD_METHODS, max_classes=1000)
-        with torch.no_grad():
-            probabilities = torch.softmax(self.model(x[None]).float(), dim=1)[0]
-        result = self.explainer(x, options, probabilities)
+        options = parse_options(
+            self.manifest, body=body, methods=registry.names(), max_classes=1000, capabilities=self.capabilities
+        )
+        layers = self.manifest.layer_names if entry.endpoint is Endpoint.FORWARD else ()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            captured = {name: stack.enter_context(capture(resolve_layer(self.model, name))) for name in layers}
+            logits = logits_of(self.model(x[None]))
+        probabilities = torch.softmax(logits.float(), dim=1)[0] if self.manifest.task == "classification" else None
+        classes = choose_classes(entry, options, probabilities) if Need.CLASSES in entry.needs else None
+        activations = {name: outs[0] for name, outs in captured.items()}
+        inputs = Inputs(x, options, probabilities, classes, batch_activations=activations, engines=self.engines)
+        result = entry.explain(inputs)
         native = result.maps[0].detach().float().cpu()
-        return resize_maps(native[None], size, method.upsample)[0].double().numpy()
+        return resize_maps(native[None], self.manifest.input_size, method.upsample)[0].double().numpy()
 
 
 def sanity_check(
@@ -106,10 +116,10 @@ def sanity_check(
     Raises:
         ValueError: the archive carries no eager model (export it with ``--eager``).
     """
-    if source.service.explainer is None:
+    if source.service.engines is None:
         raise ValueError("the sanity check needs the eager model: export with --eager")
     manifest = source.manifest
-    trained = source.service.explainer.model
+    trained = source.service.engines.model
     size, mean, std, limit = manifest.input_size, manifest.mean, manifest.std, manifest.max_pixels
     inputs = [decode(png_bytes(s.image), size, mean, std, limit).tensor for s in samples]
     reference = _LocalMethods(copy.deepcopy(trained), manifest)
@@ -143,6 +153,6 @@ def _unavailable(
     for method in methods:
         try:
             local.map(x, method, target, ranking)
-        except ValueError:
+        except (ValueError, InvalidOption):  # e.g. LRP cannot explain this model
             missing.add(method.name)
     return missing

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
+import yaml
 from PIL import Image
 
 from handlers.manifest import Manifest
@@ -51,10 +53,14 @@ class LocalSource:
 
     Args:
         path: a ``.mar`` file or a folder holding ``lafam.json``.
-        config: the model config's ``lafam`` section (e.g. ``{"max_classes": 10}``).
+        config: the model config's ``lafam`` section (e.g. ``{"max_classes": 10}``); default: the archive's
+            own (its ``model-config.yaml``, as TorchServe reads it), none for an export folder.
+        device: ``cpu`` or ``cuda:<index>``.
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, config: dict[str, Any] | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         path = Path(path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if path.suffix == ".mar":
@@ -62,8 +68,10 @@ class LocalSource:
             with zipfile.ZipFile(path) as archive:
                 archive.extractall(self._tmp.name)
             path = Path(self._tmp.name)
+            if config is None:
+                config = archive_config(path)
         self.folder = path
-        self.service = LafamService.from_folder(path, "cpu", config)
+        self.service = LafamService.from_folder(path, device, config)
         self.manifest: Manifest = self.service.manifest
         self.name = self.manifest.name
 
@@ -76,6 +84,16 @@ class LocalSource:
         if reply.status != 200:
             raise SourceError(f"{self.name}: {reply.status} {reply.body.get('error')}")
         return reply.body
+
+
+def archive_config(folder: Path) -> dict[str, Any] | None:
+    """The ``lafam`` section of an extracted archive's model config (``MAR-INF/MANIFEST.json`` names it)."""
+    manifest = folder / "MAR-INF" / "MANIFEST.json"
+    name = json.loads(manifest.read_text()).get("model", {}).get("configFile") if manifest.is_file() else None
+    if not name or not (folder / name).is_file():
+        return None
+    config = yaml.safe_load((folder / name).read_text()) or {}
+    return config.get("lafam") if isinstance(config, dict) else None
 
 
 class RestSource:

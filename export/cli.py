@@ -1,4 +1,4 @@
-"""The ``lafam-serve`` command: export, archive, demo."""
+"""The ``lafam-serve`` command: export, archive, eval, explain, demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from export import offline
 from export.exporter import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -106,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sanity", type=int, default=8, help="images for the sanity check (0: skip; --archive only)")
     evaluate.add_argument("--out", type=Path, default=Path("results/eval"), help="output folder (default results/eval)")
 
+    explain = commands.add_parser(
+        "explain",
+        help="explain image files offline: the JSON /explanations would answer, without a server",
+        description="Serve ARCHIVE_OR_EXPORT_DIR in process with the server's own code and explain each IMAGE as "
+        "POST /explanations/{model} would (backward-pass methods allowed; default method as the server's). "
+        "Prints the server's JSON: one object per image, a list when there are several; a failed image is "
+        'its error object {"error": {"code": ..., "message": ...}}.',
+        epilog=offline.EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    offline.add_arguments(explain)
+
     demo = commands.add_parser("demo", help="build the demo model, serve it, query it, write overlays, stop")
     demo.add_argument("--out", type=Path, default=Path("out"))
     demo.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -163,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "eval":
             return _evaluate(args)
+        elif args.command == "explain":
+            return offline.run(args)
         elif args.command == "demo":
             from demo.run import run_demo
 
@@ -196,7 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     results = evaluate(source, samples)
     grid = grid_game(source, synthetic_grids(args.grids)) if args.grids and args.data == "synthetic" else None
     sanity = None
-    if args.sanity and isinstance(source, LocalSource) and source.service.explainer is not None:
+    if args.sanity and isinstance(source, LocalSource) and source.service.engines is not None:
         sanity = sanity_check(source, samples[: args.sanity])
     paths = report.write(
         args.out,

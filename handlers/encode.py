@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .methods.contract import Explanation
 
 ARRAY_DECIMALS = 5
 
@@ -72,6 +75,57 @@ def explanation_json(
     """
     header = explanation_header(method=method, layer=layer, fmt=fmt, native=native, size=size, upsample=upsample)
     return {**header, **map_data(fmt, native, resized, signed=False)}
+
+
+def encode_explanation(
+    result: Explanation,
+    *,
+    maps: torch.Tensor,
+    method: str,
+    fmt: str,
+    size: tuple[int, int],
+    upsample: str,
+    resized: torch.Tensor | None,
+    label: Callable[[int], str],
+    probabilities: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Build the ``explanation`` object of any method's :class:`~.methods.contract.Explanation`.
+
+    The header (:func:`explanation_header`), then ``"scale": "signed"`` for signed maps; a label-free
+    result puts ``data`` (and ``max_abs``) on the object, a per-class one lists them under ``classes`` with
+    each class's label and probability; then the method's ``extras`` and its ``competitors``, if any.
+
+    Args:
+        result: what the method returned.
+        maps: ``result.maps`` as float32 on the CPU, ``(K, h, w)``.
+        method: the method's name.
+        fmt: ``png`` or ``array``.
+        size: ``(H, W)`` the maps are (png) or would be (array) upsampled to.
+        upsample: interpolation used or to use.
+        resized: ``(K, H, W)`` maps at ``size``, required for ``png``.
+        label: class index → label.
+        probabilities: ``(C,)`` class probabilities, or ``None``.
+    """
+    body = explanation_header(method=method, layer=result.layer, fmt=fmt, native=maps, size=size, upsample=upsample)
+    if result.signed:
+        body["scale"] = "signed"
+    images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
+    if result.classes is None:
+        body.update(map_data(fmt, maps[0], images[0], signed=result.signed))
+    else:
+        body["classes"] = [
+            {
+                "index": index,
+                "label": label(index),
+                "probability": round(float(probabilities[index]), 6) if probabilities is not None else None,
+                **map_data(fmt, native, image, signed=result.signed),
+            }
+            for index, native, image in zip(result.classes, maps, images, strict=True)
+        ]
+    body.update(result.extras)
+    if result.competitors is not None:
+        body["competitors"] = list(result.competitors)
+    return body
 
 
 def explanation_header(

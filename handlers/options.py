@@ -16,22 +16,14 @@ from typing import Any
 from .errors import InvalidOption
 from .explain.distribution import TAU, TEMPERATURE
 from .manifest import Manifest
+from .methods import registry
+from .methods.contract import Method
+from .methods.engines import Capabilities
 
 HEADER_PREFIX = "x-lafam-"
 FORMATS: tuple[str, ...] = ("png", "array", "none")
 UPSAMPLE_MODES: tuple[str, ...] = ("nearest", "bilinear")
 SIZE_KEYWORDS: tuple[str, ...] = ("input", "original")
-FORWARD_METHODS: tuple[str, ...] = ("lafam",)
-"""Methods of ``/predictions``: computed from the graph's forward pass."""
-BACKWARD_METHODS: tuple[str, ...] = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast")
-"""Methods that need the archive's eager model; served on ``/explanations`` only."""
-CLASS_METHODS: tuple[str, ...] = ("lrp_class", "gradcam", "distribution", "distribution_fast")
-"""Methods that explain chosen classes (classification models only)."""
-BASES: tuple[str, ...] = ("gradcam", "input_x_gradient", "lrp")
-"""Base attributions of the ``distribution`` methods (``distribution_fast``: ``lrp`` or ``input_x_gradient``)."""
-FAST_BASES: tuple[str, ...] = ("lrp", "input_x_gradient")
-DEFAULT_TOP_CLASSES: dict[str, int] = {"lrp_class": 1, "gradcam": 1, "distribution": 2, "distribution_fast": 2}
-"""Classes chosen by probability when the request names none (the paper's top-2 for distributions)."""
 _FLOAT_PATTERN = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MAX_MAP_SIDE = 4096
@@ -76,10 +68,13 @@ class RequestOptions:
         """K, the number of classes a class method explains (or that compete, for distributions)."""
         if self.classes is not None:
             return len(self.classes)
-        return self.top_classes + int(self.least_likely and self.method.startswith("distribution"))
+        method = registry.find(self.method)
+        return self.top_classes + int(self.least_likely and method is not None and method.competes)
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(RequestOptions.__dataclass_fields__)
+DEFAULT_BASE: str = RequestOptions.base
+"""The ``base`` of a method that reads none."""
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...], hint: str = "") -> str:
@@ -192,26 +187,34 @@ def parse_options(
     manifest: Manifest,
     headers: Mapping[str, str] | None = None,
     body: Mapping[str, Any] | None = None,
-    methods: tuple[str, ...] = FORWARD_METHODS,
+    methods: tuple[str, ...] | None = None,
     *,
-    bases: tuple[str, ...] = BASES,
+    bases: tuple[str, ...] | None = None,
     max_classes: int = 10,
     hint: str = "",
+    capabilities: Capabilities | None = None,
 ) -> RequestOptions:
     """Merge defaults, headers and body options, and validate them.
+
+    What a method accepts (its bases, whether classes compete, its default number of classes, whether its
+    cost grows with K) comes from its registry entry (:mod:`handlers.methods`).
 
     Args:
         manifest: the served model's manifest (defaults, number of classes, layers).
         headers: request headers, any case; only ``X-LaFAM-*`` ones are read.
         body: the ``options`` object of a JSON request.
-        methods: methods valid on this endpoint, the default first.
-        bases: distribution bases this model supports.
-        max_classes: the largest K for bases whose cost grows with K (input × gradient, LRP, ``lrp_class``);
-            Grad-CAM distributions accept every class.
+        methods: methods valid on this endpoint (registered names); the default is the first one that can
+            run. Default: the forward methods (``/predictions``).
+        bases: the bases offered (default: every registered base).
+        max_classes: the largest K for methods whose cost grows with K (``lrp_class``, distributions over
+            input × gradient or LRP); the others accept every class.
         hint: appended to the error for an invalid method (which endpoint serves the others).
+        capabilities: what the model offers; a listed method or base whose needs are missing is a 400 that
+            gives the reason. Default: every need met.
 
     Raises:
-        InvalidOption: an unknown option, or a value of the wrong type or out of range.
+        InvalidOption: an unknown option, a value of the wrong type or out of range, or a method or base
+            this model cannot run.
     """
     raw: dict[str, Any] = {}
     raw.update(headers_to_options(headers or {}))
@@ -227,10 +230,22 @@ def parse_options(
             option=unknown[0],
             valid=list(OPTION_NAMES),
         )
+    methods = registry.served(explain=False) if methods is None else methods
+    capabilities = capabilities or Capabilities()
+    runnable = tuple(m for m in methods if capabilities.why_not(registry.get(m).needs) is None)
+    name = _choice("method", raw.get("method", (runnable or methods)[0]), methods, hint)
+    method = registry.get(name)
+    why_not = capabilities.why_not(method.needs)
+    if why_not is not None:
+        raise InvalidOption(
+            f"method {name!r} is not available for model {manifest.name!r}: {why_not}",
+            option="method",
+            valid=list(runnable),
+        )
     defaults = manifest.defaults
     c = manifest.num_outputs
     options = RequestOptions(
-        method=_choice("method", raw.get("method", methods[0]), methods, hint),
+        method=name,
         layer=_layer(raw.get("layer", manifest.layer_names[0]), manifest),
         top_k=_bounded_int("top_k", raw.get("top_k", min(defaults.top_k, c)), 1, c),
         format=_choice("format", raw.get("format", defaults.format), FORMATS),
@@ -238,21 +253,17 @@ def parse_options(
         size=_size(raw.get("size", defaults.size)),
     )
     # Class options are validated whatever the method (a malformed one is a 400 even where it is unused).
-    class_method = options.method in CLASS_METHODS
-    fast = options.method == "distribution_fast"
-    valid_bases = tuple(b for b in (FAST_BASES if fast else BASES) if b in bases or not class_method)
-    base = _choice("base", raw.get("base", valid_bases[0]), valid_bases) if valid_bases else "gradcam"
+    base = _base(raw, method, manifest.name, registry.bases() if bases is None else bases, capabilities)
     least_likely = _boolean("least_likely", raw.get("least_likely", True))
-    costly = options.method == "lrp_class" or (options.method.startswith("distribution") and base != "gradcam")
-    most = min(c, max_classes) if costly and not fast else c
-    why = f" (K is capped at {most} for {options.method} with base {base}: its cost grows with K)" if most < c else ""
+    most = min(c, max_classes) if method.cost_grows_with_k(base) else c
+    why = f" (K is capped at {most} for {name} with base {base}: its cost grows with K)" if most < c else ""
     classes = _classes(raw["classes"], c) if "classes" in raw else None
     if classes is not None and len(classes) > most:
         raise InvalidOption(
             f"option 'classes' names {len(classes)} classes; at most {most}{why}", option="classes", valid=f"1..{most}"
         )
-    extra = int(least_likely and options.method.startswith("distribution"))
-    top = min(DEFAULT_TOP_CLASSES.get(options.method, 1), most - extra)
+    extra = int(least_likely and method.competes)
+    top = min(method.default_classes, most - extra)
     return replace(
         options,
         classes=classes,
@@ -264,3 +275,31 @@ def parse_options(
         ),
         tau=_number("tau", raw.get("tau", TAU), lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.01)"),
     )
+
+
+def _base(
+    raw: Mapping[str, Any],
+    method: Method,
+    model: str,
+    offered: tuple[str, ...],
+    capabilities: Capabilities,
+) -> str:
+    """The ``base`` option: one of the method's offered bases (the first that can run by default).
+
+    A method that reads no base still gets a known base name validated (and ignored).
+    """
+    if not method.bases:
+        return _choice("base", raw["base"], registry.bases()) if "base" in raw else DEFAULT_BASE
+    valid = tuple(b for b in method.bases if b in offered)
+    if not valid:
+        return DEFAULT_BASE
+    runnable = tuple(b for b in valid if capabilities.why_not(method.requires(b)) is None)
+    base = _choice("base", raw.get("base", (runnable or valid)[0]), valid)
+    why_not = capabilities.why_not(method.requires(base))
+    if why_not is not None:
+        raise InvalidOption(
+            f"base {base!r} of method {method.name!r} is not available for model {model!r}: {why_not}",
+            option="base",
+            valid=list(runnable),
+        )
+    return base

@@ -14,7 +14,7 @@ import http
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,19 +25,30 @@ from . import metrics
 from .backends import Backend, load_backend
 from .drift import map_statistics
 from .eager import load_eager
-from .encode import explanation_header, explanation_json, map_data, predictions_json
+from .encode import encode_explanation, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
-from .explain.lafam import lafam, resize_maps
-from .explainers import BackwardExplainer
+from .explain.lafam import resize_maps
 from .images import DecodedImage, decode
 from .manifest import Defaults, Manifest
-from .options import FORWARD_METHODS, MAX_MAP_SIDE, RequestOptions, parse_options
+from .methods import (
+    ContractError,
+    Endpoint,
+    Engines,
+    Explanation,
+    Inputs,
+    Need,
+    capabilities,
+    choose_classes,
+    registry,
+)
+from .options import MAX_MAP_SIDE, RequestOptions, parse_options
 
 logger = logging.getLogger(__name__)
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
 IMAGE_TYPES = ("image/", "application/octet-stream")
+PREDICT_HINT = " (backward-pass methods are served on POST /explanations/{model})"
 SERVICE_KEYS = ("max_pixels", "max_classes", "eager", "drift")
 """Keys of the model config's ``lafam`` section besides the option defaults."""
 
@@ -147,13 +158,15 @@ def _from_json(body: Mapping[str, Any]) -> tuple[bytes, Mapping[str, Any] | None
 class LafamService:
     """Serve one exported model: predictions plus a LaFAM map from the same forward pass.
 
-    With an eager model (``explainer``), requests to ``/explanations`` may also ask for the backward-pass
-    methods (LRP, Grad-CAM, attribution distributions), run on the eager model per request.
+    With an eager model (``engines``), requests to ``/explanations`` may also ask for the backward-pass
+    methods (LRP, Grad-CAM, attribution distributions), run on the eager model per request. Every method
+    comes from the registry (:mod:`handlers.methods`); the service names none.
 
     Args:
         manifest: the model's manifest.
         backend: the loaded graph.
-        explainer: the backward-pass methods, or ``None`` (``/explanations`` then serves LaFAM only).
+        engines: what the backward-pass methods share, built at worker start, or ``None`` (``/explanations``
+            then serves the forward methods only).
         max_classes: the largest K of methods whose cost grows with K.
         drift: record the drift statistics of every served map (:mod:`handlers.drift`).
     """
@@ -162,20 +175,22 @@ class LafamService:
         self,
         manifest: Manifest,
         backend: Backend,
-        explainer: BackwardExplainer | None = None,
+        engines: Engines | None = None,
         max_classes: int = 10,
         *,
         drift: bool = True,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
-        self.explainer = explainer
+        self.engines = engines
         self.max_classes = max_classes
         self.drift = drift
         self._labels = {"model": manifest.name}
-        self.explain_methods = (*explainer.methods, *FORWARD_METHODS) if explainer else FORWARD_METHODS
+        self.capabilities = capabilities(manifest, engines)
+        self.predict_methods = registry.served(self.capabilities, explain=False)
+        self.explain_methods = registry.served(self.capabilities)
         self._explain_hint = (
-            "" if explainer else " (this archive has no eager model: export with --eager for backward-pass methods)"
+            "" if engines else " (this archive has no eager model: export with --eager for backward-pass methods)"
         )
 
     @classmethod
@@ -203,9 +218,9 @@ class LafamService:
             raise ValueError(
                 f"max_classes in the model config's 'lafam' section must be a positive int: {max_classes!r}"
             )
-        explainer = None
+        engines = None
         if manifest.eager is not None and config.pop("eager", True) is not False:
-            explainer = BackwardExplainer(load_eager(manifest.eager, folder, device), manifest)
+            engines = Engines(load_eager(manifest.eager, folder, device), manifest)
         config.pop("eager", None)
         drift = config.pop("drift", True)
         if not isinstance(drift, bool):
@@ -219,7 +234,7 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        service = cls(manifest, load_backend(manifest, folder, device), explainer, max_classes, drift=drift)
+        service = cls(manifest, load_backend(manifest, folder, device), engines, max_classes, drift=drift)
         service.warm_up()
         return service
 
@@ -261,16 +276,15 @@ class LafamService:
             if request.explain:
                 methods, hint = self.explain_methods, self._explain_hint
             else:
-                methods, hint = FORWARD_METHODS, " (backward-pass methods are served on POST /explanations/{model})"
-            bases = self.explainer.bases if self.explainer else ()
+                methods, hint = self.predict_methods, PREDICT_HINT
             options = parse_options(
                 self.manifest,
                 request.headers,
                 body_options,
                 methods,
-                bases=bases,
                 max_classes=self.max_classes,
                 hint=hint,
+                capabilities=self.capabilities,
             )
             m = self.manifest
             image = decode(data, m.input_size, m.mean, m.std, m.max_pixels)
@@ -284,21 +298,8 @@ class LafamService:
         main = outputs[manifest.main_output]
         probabilities = torch.softmax(main.float(), dim=1) if manifest.task == "classification" else None
 
-        native_maps: dict[int, torch.Tensor] = {}
-        reduce_seconds: dict[int, float] = {}
-        wanted: dict[str, list[int]] = {}
-        for row, item in enumerate(prepared):
-            if item.options.format != "none" and item.options.method == "lafam":
-                wanted.setdefault(item.options.layer, []).append(row)
-        for layer, rows in wanted.items():
-            start = time.perf_counter()
-            activations = outputs[manifest.layer(layer).output]
-            maps = lafam(activations if len(rows) == len(prepared) else activations[rows])
-            elapsed = (time.perf_counter() - start) / len(rows)
-            for position, row in enumerate(rows):
-                native_maps[row] = maps[position]
-                reduce_seconds[row] = elapsed
-
+        activations = {layer.name: outputs[layer.output] for layer in manifest.layers}
+        memo: dict[Hashable, Any] = {}  # work the methods share across this batch (Inputs.once)
         replies = []
         for row, item in enumerate(prepared):
             body: dict[str, Any] = {"model": manifest.name}
@@ -311,11 +312,17 @@ class LafamService:
             method = item.options.method
             start = time.perf_counter()
             try:
-                if row in native_maps:
-                    body["explanation"] = self._explanation(native_maps[row], item)
-                    start -= reduce_seconds[row]
-                elif item.options.format != "none":
-                    body["explanation"] = self._backward(item, row_probabilities)
+                if item.options.format != "none":
+                    inputs = Inputs(
+                        item.image.tensor,
+                        item.options,
+                        row_probabilities,
+                        batch_activations=activations,
+                        row=row,
+                        engines=self.engines,
+                        memo=memo,
+                    )
+                    body["explanation"] = self._explain(inputs, item.image.original_size)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 replies.append(self._failure(exc))
                 continue
@@ -325,58 +332,56 @@ class LafamService:
             replies.append(Reply(200, body))
         return replies
 
-    def _size(self, item: _Prepared) -> tuple[int, int]:
-        options = item.options
+    def _size(self, options: RequestOptions, original_size: tuple[int, int]) -> tuple[int, int]:
         if options.size == "input":
             return self.manifest.input_size
         if options.size == "original":
-            height, width = item.image.original_size
+            height, width = original_size
             scale = min(1.0, MAX_MAP_SIDE / max(height, width))  # a huge image must not mean a huge map
             return max(1, round(height * scale)), max(1, round(width * scale))
         return options.size
 
-    def _backward(self, item: _Prepared, probabilities: torch.Tensor | None) -> dict[str, Any]:
-        """Run a backward-pass method on the eager model and encode its map(s); signed maps (see ``encode``)."""
-        options = item.options
-        if self.explainer is None:  # options only admit these methods with an explainer
+    def _explain(self, inputs: Inputs, original_size: tuple[int, int]) -> dict[str, Any]:
+        """Run the requested method on one image and encode its map(s) (see ``encode``)."""
+        options = inputs.options
+        method = registry.get(options.method)
+        backward = method.endpoint is Endpoint.BACKWARD
+        if backward and self.engines is None:  # options only admit these methods with an eager model
             raise InvalidOption(f"method {options.method!r} needs the eager model{self._explain_hint}")
+        probabilities = inputs.probabilities
         try:
-            result = self.explainer(item.image.tensor, options, probabilities)
+            classes = choose_classes(method, options, probabilities) if Need.CLASSES in method.needs else None
+            result = method.explain(replace(inputs, classes=classes))
         except ValueError as exc:  # an option this model cannot honour (e.g. a layer LRP cannot seed at)
+            if not backward:
+                raise
             raise InvalidOption(f"method {options.method!r} cannot run with these options: {exc}") from exc
+        if result.signed is not method.signed:
+            raise ContractError(f"method {method.name!r} declares signed={method.signed} but returned the other kind")
+        return self._encode(result, options, original_size, probabilities)
+
+    def _encode(
+        self,
+        result: Explanation,
+        options: RequestOptions,
+        original_size: tuple[int, int],
+        probabilities: torch.Tensor | None,
+    ) -> dict[str, Any]:
         maps = result.maps.detach().float().cpu()
         self._record_drift(maps[0], options.method)
-        size = self._size(item)
-        resized = resize_maps(maps, size, options.upsample) if options.format == "png" else [None] * len(maps)
-        body = explanation_header(
+        size = self._size(options, original_size)
+        resized = resize_maps(maps, size, options.upsample) if options.format == "png" else None
+        return encode_explanation(
+            result,
+            maps=maps,
             method=options.method,
-            layer=result.layer,
             fmt=options.format,
-            native=maps,
             size=size,
             upsample=options.upsample,
+            resized=resized,
+            label=self.manifest.label,
+            probabilities=probabilities,
         )
-        body["scale"] = "signed"
-        if result.classes is None:
-            body.update(map_data(options.format, maps[0], resized[0], signed=True))
-            return body
-        body["classes"] = [
-            {
-                "index": index,
-                "label": self.manifest.label(index),
-                "probability": round(float(probabilities[index]), 6) if probabilities is not None else None,
-                **map_data(options.format, native, image, signed=True),
-            }
-            for index, native, image in zip(result.classes, maps, resized, strict=True)
-        ]
-        if options.method.startswith("distribution"):
-            body.update(
-                base=options.base,
-                temperature=options.temperature,
-                tau=options.tau,
-                competitors=list(result.competitors or ()),
-            )
-        return body
 
     def _record_drift(self, native: torch.Tensor, method: str) -> None:
         """Record the map's drift statistics (never fails the request, like every metric)."""
@@ -392,21 +397,6 @@ class LafamService:
             metrics.observe(metrics.MAP_ENTROPY, statistics.entropy, **labels)
             metrics.observe(metrics.MAP_BORDER, statistics.border_share, **labels)
             metrics.observe(metrics.MAP_PEAK_OFFSET, statistics.peak_offset, **labels)
-
-    def _explanation(self, native: torch.Tensor, item: _Prepared) -> dict[str, Any]:
-        options = item.options
-        self._record_drift(native, options.method)
-        size = self._size(item)
-        resized = resize_maps(native.unsqueeze(0), size, options.upsample)[0] if options.format == "png" else None
-        return explanation_json(
-            method=options.method,
-            layer=options.layer,
-            fmt=options.format,
-            native=native,
-            size=size,
-            upsample=options.upsample,
-            resized=resized,
-        )
 
     def _failure(self, exc: BaseException) -> Reply:
         status, body = to_response(exc)

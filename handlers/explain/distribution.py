@@ -221,14 +221,17 @@ def _layer_competition(
     tau: float,
     chunk_size: int,
     grad: bool,
+    cam: GradCAM | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The target class's share M_t ⊙ 1[M_t − 1/K > τ] of the layer-level Grad-CAM competition.
 
     Returns the mask ``(N, h, w)``, the classes ``(N, K)`` (target first) and the logits. With ``grad`` the
-    forward keeps the autograd graph from ``x`` (which must require grad) to the logits.
+    forward keeps the autograd graph from ``x`` (which must require grad) to the logits. ``cam`` is a
+    Grad-CAM of ``layer`` built beforehand (e.g. decided at worker start); by default one is built here.
     """
     _check_temperature_tau(temperature, tau)
-    cam = GradCAM(model, resolve_layer(model, layer), chunk_size=chunk_size)
+    if cam is None:
+        cam = GradCAM(model, resolve_layer(model, layer), chunk_size=chunk_size)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float (N, C, H, W) batch, got {getattr(x, 'shape', type(x).__name__)}")
     if grad:
@@ -263,6 +266,7 @@ def fast_input_x_gradient(
     tau: float = TAU,
     mode: str = "nearest",
     chunk_size: int = 64,
+    cam: GradCAM | None = None,
 ) -> Distribution:
     r"""Fast attribution distribution for input × gradient: the classes compete at the layer, not per pixel.
 
@@ -289,6 +293,8 @@ def fast_input_x_gradient(
         tau: threshold τ.
         mode: upsampling of the mask, ``nearest`` or ``bilinear``.
         chunk_size: classes per batched backward of the layer-level Grad-CAM (if not closed form).
+        cam: a :class:`~.gradients.GradCAM` of ``layer`` built once (e.g. :meth:`~.gradients.GradCAM.decide`
+            at worker start); default: built here.
 
     Returns:
         :class:`Distribution` whose ``maps`` are ``(N, 1, H, W)`` for the target class ``classes[:, 0]``
@@ -302,7 +308,7 @@ def fast_input_x_gradient(
     inputs = x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) else x
     select = _selector(classes, top_k, add_least_likely)
     mask, chosen, logits = _layer_competition(
-        model, inputs, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=True
+        model, inputs, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=True, cam=cam
     )
     mask = resize_maps(mask.float(), tuple(x.shape[-2:]), mode).to(x.dtype)
     target = logits.gather(1, chosen[:, :1]).sum()
@@ -323,6 +329,7 @@ def fast_lrp(
     temperature: float = TEMPERATURE,
     tau: float = TAU,
     chunk_size: int = 64,
+    cam: GradCAM | None = None,
 ) -> Distribution:
     r"""Fast attribution distribution for LRP: the classes compete at the layer, one LRP pass to the pixels.
 
@@ -350,6 +357,8 @@ def fast_lrp(
         temperature: softmax temperature T.
         tau: threshold τ.
         chunk_size: classes per batched backward of the layer-level Grad-CAM (if not closed form).
+        cam: a :class:`~.gradients.GradCAM` of ``layer`` built once (e.g. :meth:`~.gradients.GradCAM.decide`
+            at worker start); default: built here.
 
     Returns:
         :class:`Distribution` whose ``maps`` are ``(N, 1, H, W)`` for the target class ``classes[:, 0]``.
@@ -359,7 +368,7 @@ def fast_lrp(
     """
     select = _selector(classes, top_k, add_least_likely)
     mask, chosen, logits = _layer_competition(
-        model, x, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=False
+        model, x, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=False, cam=cam
     )
     relevance = lrp.relevance(x, classes=chosen[:, 0], mask=(layer, mask))
     return Distribution(relevance.maps[:, None], chosen, torch.softmax(logits.detach().float(), dim=1))

@@ -246,7 +246,8 @@ class GradCAM(_PerClassAttribution):
     contraction ``map_k = Σ_c W_kc A_c / (h w)`` with no backward at all. ``closed_form=None`` detects this by
     tracing the leaf modules that run after the layer AND checking ``logits == fc(mean_hw A)`` on the batch;
     if either fails, a batched backward is used (one extra forward with autograd). ``True`` forces the closed
-    form (raises if the head is not of that shape), ``False`` forces autograd.
+    form (raises if the head is not of that shape), ``False`` forces autograd. :meth:`decide` makes the
+    structural half of that decision once (a serving worker does it at start) so that no call traces again.
 
     Otherwise: one forward with autograd, then batched vector-Jacobian products from the logits to the
     captured activations, ``chunk_size`` classes per backward.
@@ -285,6 +286,34 @@ class GradCAM(_PerClassAttribution):
             raise ValueError(f"closed_form must be None (detect), True or False, got {closed_form!r}")
         self.relu = bool(relu)
         self.closed_form = closed_form
+        self._head: nn.Linear | None = None
+
+    def decide(self, x: torch.Tensor) -> GradCAM:
+        """Decide the closed form once, on an example batch; return a Grad-CAM that never traces the head again.
+
+        A worker calls this at start (with a seeded random image): the modules after the layer are traced
+        once here, and the returned explainer has ``closed_form`` fixed to the outcome and keeps the head.
+        Its calls skip the trace; the cheap numerical half of the check (``logits == fc(mean_hw A)``) still
+        runs on every batch, and a batch where it fails falls back to autograd instead of raising.
+
+        Args:
+            x: an example input batch ``(N, 3, H, W)`` on the model's device.
+
+        Returns:
+            A new :class:`GradCAM` on the same model, layer, ``relu`` and ``chunk_size``.
+
+        Raises:
+            ValueError: bad ``x``; the layer did not run exactly once or is not 4-D; ``closed_form=True``
+                on a model whose head does not allow it.
+        """
+        _check_common(x, self.chunk_size)
+        with torch.no_grad():
+            _, _, head = self.forward(x)
+        decided = GradCAM(
+            self.model, self.layer, relu=self.relu, closed_form=head is not None, chunk_size=self.chunk_size
+        )
+        decided._head = head
+        return decided
 
     def attribute(self, x: torch.Tensor, classes: ClassSpec) -> Attribution:
         """Grad-CAM maps for the given classes, from one forward pass (two if the closed-form check fails).
@@ -316,13 +345,16 @@ class GradCAM(_PerClassAttribution):
         """Run the model once, capturing the layer; return logits, activations and the closed-form head.
 
         The head is the ``nn.Linear`` when the closed form is valid (see the class docstring) and
-        ``closed_form`` allows it, else ``None``. Grad mode is the caller's.
+        ``closed_form`` allows it, else ``None``; after :meth:`decide` the head found then is only
+        re-checked numerically. Grad mode is the caller's.
 
         Raises:
             ValueError: ``closed_form=True`` on a model whose head does not allow it; the layer did not run
                 exactly once or is not 4-D.
         """
-        trace = trace and self.closed_form is not False
+        wanted = trace and self.closed_form is not False
+        known = self._head if wanted else None  # decided once by decide(): no trace
+        trace = wanted and known is None
         with contextlib.ExitStack() as stack:
             order = stack.enter_context(_trace_after(self.model, self.layer)) if trace else []
             outs = stack.enter_context(capture(self.layer))
@@ -332,10 +364,10 @@ class GradCAM(_PerClassAttribution):
                 f"layer must run exactly once per forward and output (N, C, h, w); it ran {len(outs)} time(s)"
             )
         acts = outs[0]
-        head = _linear_head(order) if trace else None
+        head = known if known is not None else (_linear_head(order) if trace else None)
         if head is not None and not _closed_form_holds(head, acts, logits):
             head = None
-        if head is None and self.closed_form:
+        if head is None and self.closed_form and known is None:
             raise ValueError(
                 "closed_form=True needs layer → global average pooling → one nn.Linear producing the logits; "
                 "this model's head differs: use closed_form=None or False"

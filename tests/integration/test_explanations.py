@@ -146,7 +146,7 @@ def test_every_method_answers_with_the_documented_schema(served, scene_png: byte
         check_map(entry, fmt, [128, 128], native)
     default_layer = served[0].service.manifest.layer_names[0]
     assert explanation["layer"] == (None if method == "lrp_class" else default_layer)  # input-level: no layer
-    if method.startswith("distribution"):
+    if method in ("distribution", "distribution_fast"):
         assert explanation["base"] == ("gradcam" if method == "distribution" else "lrp")
         assert (explanation["temperature"], explanation["tau"]) == (10.0, 0.01)
         least = predictions[-1]["index"]
@@ -249,7 +249,7 @@ def test_without_the_eager_model_only_lafam_is_served(exported: Path, scene_png:
     context = FakeContext(str(exported), model_yaml_config={"lafam": {"eager": False}})
     handler = LafamHandler()
     handler.initialize(context)
-    assert handler.service.explainer is None
+    assert handler.service.engines is None
     assert handler.service.explain_methods == ("lafam",)
     status, body = explain_one((handler, context), scene_png, method="lrp")
     assert status == 400
@@ -270,7 +270,7 @@ def test_explanation_metrics_are_labelled_by_method(served, scene_png: bytes) ->
 
 
 def test_serving_leaves_the_eager_model_bit_identical(served, scene_png: bytes) -> None:
-    model = served[0].service.explainer.model
+    model = served[0].service.engines.model
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -376,7 +376,7 @@ def test_gpu_worker_explains_on_the_assigned_device(
     context = FakeContext(str(exported), gpu_id=0)
     handler = LafamHandler()
     handler.initialize(context)
-    assert next(handler.service.explainer.model.parameters()).device == torch.device("cuda:0")
+    assert next(handler.service.engines.model.parameters()).device == torch.device("cuda:0")
     status, on_gpu = explain_one((handler, context), scene_png, method=method, format="array")
     assert status == 200, on_gpu
     _, on_cpu = explain_one(served, scene_png, method=method, format="array")

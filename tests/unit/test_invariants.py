@@ -5,6 +5,10 @@
 - Imports inside the package are relative: archives ship it under another name (``lafam_runtime``).
 - No ``print``; logging only.
 - Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is never changed.
+- Explanation methods are named only in their own files (``handlers/methods/``): nothing else compares a
+  method or base name (no ``method == "gradcam"``, no ``startswith("distribution")``), in ``handlers`` or
+  in ``evaluation``; everything else reads the registry's declarations.
+- The method modules sit below options, service, encoder and handler: they import none of them at run time.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "handlers"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "handlers"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 FORBIDDEN_PACKAGES = ("export", "demo", "evaluation", "benchmarks")
+METHODS_PACKAGE = PACKAGE / "methods"
+ABOVE_METHODS = ("options", "service", "encode", "handler")
+"""Modules of ``handlers`` that read the registry; a method module importing one would invert the layers."""
+NAMING_SOURCES = sorted(
+    [p for p in SOURCES if METHODS_PACKAGE not in p.parents] + list((ROOT / "evaluation").rglob("*.py"))
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,7 @@ class Import:
 
 
 def relative_name(path: Path) -> str:
-    return path.relative_to(PACKAGE.parent).as_posix()
+    return path.relative_to(ROOT).as_posix()
 
 
 def imports(tree: ast.AST) -> list[Import]:
@@ -79,6 +90,44 @@ def pixel_guard_changes(tree: ast.AST) -> list[int]:
             if isinstance(sub, ast.Attribute) and sub.attr == "MAX_IMAGE_PIXELS"
         )
     return lines
+
+
+def method_name_tests(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines that compare something with a method or base name, or test ``.startswith(<such a name>)``."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for operand in operands:
+                elements = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                if any(isinstance(e, ast.Constant) and e.value in names for e in elements):
+                    lines.append(node.lineno)
+                    break
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("startswith", "endswith")
+            and any(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) and any(n.startswith(a.value) for n in names)
+                for a in node.args
+            )
+        ):
+            lines.append(node.lineno)
+    return lines
+
+
+def runtime_imports(tree: ast.Module) -> list[Import]:
+    """The imports of a module, leaving out those under ``if TYPE_CHECKING:``; ``from .. import x`` is ``x``."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.ImportFrom) and not sub.module:
+                found.extend(Import(alias.name, sub.level, sub.lineno) for alias in sub.names)
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                found.extend(imports(sub))
+    return found
 
 
 def parse(path: Path) -> ast.AST:
@@ -132,6 +181,23 @@ def test_pillow_bomb_guard_is_never_changed(source: tuple[Path, ast.AST]) -> Non
     assert not lines, f"{relative_name(path)} changes Image.MAX_IMAGE_PIXELS at line(s) {lines}"
 
 
+@pytest.mark.parametrize("path", NAMING_SOURCES, ids=relative_name)
+def test_methods_are_named_only_in_their_own_files(path: Path) -> None:
+    from handlers.methods import registry
+
+    names = {*registry.names(), *registry.bases()}
+    lines = method_name_tests(parse(path), names)
+    assert not lines, f"{relative_name(path)} compares method names at line(s) {lines}: read the registry instead"
+
+
+@pytest.mark.parametrize("path", sorted(METHODS_PACKAGE.glob("*.py")), ids=relative_name)
+def test_method_modules_import_nothing_above_them(path: Path) -> None:
+    tree = parse(path)
+    assert isinstance(tree, ast.Module)
+    offending = [(i.module, i.line) for i in runtime_imports(tree) if i.level == 2 and top(i.module) in ABOVE_METHODS]
+    assert not offending, f"{relative_name(path)} imports {offending} at run time (use TYPE_CHECKING)"
+
+
 # the checks themselves catch what they are meant to
 
 
@@ -160,3 +226,22 @@ def test_checks_detect_violations() -> None:
     assert sorted(pixel_guard_changes(tree)) == [7, 8, 9]
     assert pixel_guard_changes(ast.parse("limit = Image.MAX_IMAGE_PIXELS")) == []
     assert prints(ast.parse("logger.info('x'); self.print('y')")) == []
+    names = {"lrp", "distribution", "lafam"}
+    assert method_name_tests(
+        ast.parse(
+            "if options.method == 'lrp': pass\n"
+            "ok = method.startswith('distribution')\n"
+            "x = name in ('lafam', 'other')\n"
+            "y = {'lrp': 1}\n"
+            "z = a == 'lrpx'\n"
+        ),
+        names,
+    ) == [1, 2, 3]
+    guarded = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from ..options import X\n"
+        "from .. import options\n"
+        "from ..service import Y\n"
+    )
+    assert [(i.module, i.level) for i in runtime_imports(guarded)] == [("typing", 0), ("options", 2), ("service", 2)]
