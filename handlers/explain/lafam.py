@@ -60,12 +60,13 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest"
     """Upsample (or downsample) maps ``(N, h, w)`` to ``size = (H, W)``.
 
     Args:
-        maps: maps in [0, 1].
+        maps: maps, in [0, 1] (LaFAM) or signed (LRP, Grad-CAM, distributions).
         size: target ``(H, W)``.
         mode: ``nearest`` (exact nearest-neighbour, pixel centres aligned) or ``bilinear``.
 
     Returns:
-        ``(N, H, W)`` maps, still in [0, 1].
+        ``(N, H, W)`` maps within each input map's own range (neither mode can overshoot it; the clamp only
+        removes rounding), so [0, 1] maps stay in [0, 1] and signed maps keep their negative evidence.
 
     Raises:
         ValueError: unknown ``mode``, ``maps`` not 3-D, or ``size`` not two positive sides.
@@ -79,5 +80,7 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "nearest"
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    out = F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=_INTERPOLATION[mode], **kwargs)
-    return out.squeeze(1).clamp_(0.0, 1.0)
+    out = F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=_INTERPOLATION[mode], **kwargs).squeeze(1)
+    low = maps.flatten(1).amin(1).view(-1, 1, 1)
+    high = maps.flatten(1).amax(1).view(-1, 1, 1)
+    return torch.minimum(torch.maximum(out, low), high)

@@ -199,3 +199,12 @@ def test_resize_rejects_maps_that_are_not_3d(shape: tuple[int, ...]) -> None:
 def test_resize_rejects_non_positive_size(size: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="size must be"):
         resize_maps(torch.zeros(1, 2, 2), size)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_resize_keeps_signed_maps_negative_and_above_one(mode):
+    """Signed maps (LRP, Grad-CAM, distributions) are resized before their PNG: no clamp to [0, 1]."""
+    maps = torch.tensor([[[-0.33, 2.0], [0.5, -1.5]]])
+    out = resize_maps(maps, (8, 8), mode)
+    assert float(out.min()) == pytest.approx(-1.5)
+    assert float(out.max()) == pytest.approx(2.0)
