@@ -343,8 +343,10 @@ def fast_lrp(
     For a head of global average pooling + linear (ResNets, the demo model), class k's LRP-ε relevance at
     the layer, summed over channels, is ``G_k · y_k / (y_k − b_k)``: the competition is then that of LRP
     itself at the layer, up to the bias share of each logit. The exact method (:func:`explain` with an LRP
-    base) runs K relevance passes and lets the classes compete per pixel; this one costs one Grad-CAM
-    forward, one LRP forward and one relevance pass whatever K.
+    base) runs K relevance passes and lets the classes compete per pixel; this one costs one LRP forward
+    and one relevance pass whatever K: with a ``cam`` whose closed form was decided
+    (:meth:`~.gradients.GradCAM.decide`, as the server does at worker start) the competition is read from
+    LRP's own forward (the layer's activations and the logits); otherwise a Grad-CAM forward comes first.
 
     Args:
         model: the eager model (for the Grad-CAM competition).
@@ -367,8 +369,47 @@ def fast_lrp(
         ValueError: any bad argument.
     """
     select = _selector(classes, top_k, add_least_likely)
+    if cam is not None and cam.head is not None:
+        _check_temperature_tau(temperature, tau)
+        return _fast_lrp_one_forward(lrp, cam, x, layer, select, temperature=temperature, tau=tau)
     mask, chosen, logits = _layer_competition(
         model, x, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=False, cam=cam
     )
     relevance = lrp.relevance(x, classes=chosen[:, 0], mask=(layer, mask))
     return Distribution(relevance.maps[:, None], chosen, torch.softmax(logits.detach().float(), dim=1))
+
+
+def _fast_lrp_one_forward(
+    lrp: LRP,
+    cam: GradCAM,
+    x: torch.Tensor,
+    layer: str,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    temperature: float,
+    tau: float,
+) -> Distribution:
+    """:func:`fast_lrp` inside LRP's own forward.
+
+    The closed-form Grad-CAM competition reads the layer's activations and the logits LRP computes anyway,
+    so the whole method costs one LRP explanation plus one small contraction (a batch whose logits do not
+    match the closed form falls back to a Grad-CAM forward).
+    """
+    chosen: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+
+    def target(logits: torch.Tensor) -> torch.Tensor:
+        chosen.append(select(logits))
+        seen.append(logits)
+        return chosen[0][:, 0]
+
+    def competition(acts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if cam.closed_form_holds(acts, logits):
+            layer_maps = cam.maps(acts, logits, chosen[0], cam.head)
+        else:
+            layer_maps = cam.attribute(x, chosen[0]).maps
+        weights = class_weights(layer_maps.detach(), temperature)[:, 0]
+        return weights * ((weights - 1.0 / chosen[0].shape[1]) > tau)
+
+    relevance = lrp.relevance(x, classes=target, mask=(layer, competition))
+    return Distribution(relevance.maps[:, None], chosen[0], torch.softmax(seen[0].detach().float(), dim=1))

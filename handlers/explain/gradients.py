@@ -288,6 +288,15 @@ class GradCAM(_PerClassAttribution):
         self.closed_form = closed_form
         self._head: nn.Linear | None = None
 
+    @property
+    def head(self) -> nn.Linear | None:
+        """The closed form's head decided by :meth:`decide` (``None``: undecided, or no closed form)."""
+        return self._head
+
+    def closed_form_holds(self, acts: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Whether this batch's ``logits`` are the decided head applied to the mean of ``acts`` (cheap)."""
+        return self._head is not None and _closed_form_holds(self._head, acts, logits)
+
     def decide(self, x: torch.Tensor) -> GradCAM:
         """Decide the closed form once, on an example batch; return a Grad-CAM that never traces the head again.
 

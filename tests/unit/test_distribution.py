@@ -491,6 +491,27 @@ def test_fast_lrp_equals_slow_reference(resnet: nn.Module, layer: str) -> None:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_fast_lrp_with_a_decided_grad_cam_runs_one_forward_and_gives_the_same_maps(resnet: nn.Module) -> None:
+    """With the closed form decided at start, the competition is read from LRP's own forward."""
+    x = _x(2, 64, seed=5)
+    lrp = LRP(resnet)
+    cam = GradCAM(resnet, "layer4").decide(x[:1])
+    assert cam.head is resnet.fc
+    lrp.label_free(x[:1], "layer4")  # the engine's one-time check runs the model once
+    calls = []
+    handle = resnet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        shared = fast_lrp(resnet, lrp, x, "layer4", cam=cam)
+    finally:
+        handle.remove()
+    assert calls == []  # no eager forward of the model: only LRP's graph ran
+    separate = fast_lrp(resnet, lrp, x, "layer4")
+    assert torch.equal(shared.classes, separate.classes)
+    torch.testing.assert_close(shared.probabilities, separate.probabilities, **LOOSE)
+    torch.testing.assert_close(shared.maps, separate.maps, rtol=0.0, atol=1e-5 * float(separate.maps.abs().max()))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_fast_lrp_explicit_classes_and_parameters(resnet: nn.Module) -> None:
     x = _x(1, 64, seed=4)
     lrp = LRP(resnet)

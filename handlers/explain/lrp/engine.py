@@ -663,8 +663,8 @@ class LRP:
         x: torch.Tensor,
         *,
         layer: str | None = None,
-        classes: torch.Tensor | None = None,
-        mask: tuple[str, torch.Tensor] | None = None,
+        classes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mask: tuple[str, torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     ) -> Relevance:
         """Run LRP seeded at ``layer``'s activations or at the logits of ``classes`` (exactly one of them).
 
@@ -673,11 +673,13 @@ class LRP:
         Args:
             x: ``(N, C, H, W)`` normalised images.
             layer: module name to seed with its own activations (label-free).
-            classes: ``(N,)`` or ``(N, K)`` integer class indices to seed with their logits.
+            classes: ``(N,)`` or ``(N, K)`` integer class indices to seed with their logits, or
+                ``select(logits) -> classes`` to choose them from this very forward pass.
             mask: ``(layer, m)`` with ``m`` of shape ``(N, h, w)`` (``layer``'s spatial size), for ``(N,)``
                 classes only: the relevance reaching ``layer``'s output is multiplied by ``m`` (broadcast
                 over channels) before it goes on to the pixels. The returned ``seed`` is then the relevance
-                kept at ``layer``, which the maps conserve.
+                kept at ``layer``, which the maps conserve. ``m`` may be ``m(activations, logits)``, computed
+                from this forward's activations at ``layer`` and logits (one forward for both).
 
         Returns:
             The maps and the seeded totals (see :class:`Relevance`).
@@ -689,7 +691,7 @@ class LRP:
         """
         if (layer is None) == (classes is None):
             raise ValueError("pass exactly one of layer (label-free) or classes (per class)")
-        if mask is not None and (not isinstance(classes, torch.Tensor) or classes.dim() != 1):
+        if mask is not None and (classes is None or (isinstance(classes, torch.Tensor) and classes.dim() != 1)):
             raise ValueError("mask needs classes of shape (N,): one masked class per image")
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -704,11 +706,15 @@ class LRP:
                 out = env[node]
                 maps = self._to_input(graph.propagate({node: out}, saved, 0, graph.position[node]), x)
                 return Relevance(maps, out.flatten(1).sum(1))
-            env, saved = graph.run(x, keep=[graph.logits])
+            at = self._node(mask[0]) if mask is not None else None
+            env, saved = graph.run(x, keep=[graph.logits] if at is None else [graph.logits, at])
             logits = _logits(env[graph.logits])
-            classes = self._check_classes(classes, logits)
+            classes = self._check_classes(classes(logits) if callable(classes) else classes, logits)
             if mask is not None:
-                return self._masked(logits, saved, classes, *mask, x=x)
+                if classes.dim() != 1:
+                    raise ValueError("mask needs classes of shape (N,): one masked class per image")
+                m = mask[1](env[at], logits) if callable(mask[1]) else mask[1]
+                return self._masked(logits, saved, classes, mask[0], m, x=x)
             single = classes.dim() == 1
             classes = classes.view(classes.shape[0], -1)
             seeds = logits.gather(1, classes)
