@@ -174,3 +174,42 @@ def test_a_users_own_module():
         assert not m._forward_hooks
         assert not m._forward_pre_hooks
         assert not m._backward_hooks
+
+
+def family_or_user(name: str) -> tuple[nn.Module, int]:
+    if name == "user":
+        torch.manual_seed(0)
+        return calibrated(UserNet(), 32), 32
+    return build(name, 64), 64
+
+
+@pytest.mark.parametrize("name", ["user", "efficientnet_b0", "convnext_tiny", "shufflenet_v2_x0_5", "densenet121"])
+def test_classes_in_one_tiled_pass_equal_one_class_per_pass(name):
+    """Every rule's saved state tiles along the batch (K seeds per image in one pass), as on a GPU."""
+    model, side = family_or_user(name)
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([[0, 3, 1], [4, 2, 0]])
+    one = LRP(model, chunk_size=1).relevance(x, classes=classes)
+    tiled = LRP(model, chunk_size=3).relevance(x, classes=classes)
+    torch.testing.assert_close(tiled.maps, one.maps, rtol=0.0, atol=1e-5 * float(one.maps.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["user", "resnet18", "efficientnet_b0", "convnext_tiny", "inception_v3"])
+def test_same_maps_on_the_gpu(name):
+    """On cuda:0 (8 classes per pass by default) the maps are the CPU's, to float32 reordering."""
+    model, side = family_or_user(name)
+    side = 96 if name == "inception_v3" else side
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(5))
+    classes = torch.tensor([[0, 3, 1], [4, 2, 0]])
+    cpu = LRP(model).relevance(x, classes=classes).maps
+    layer = find_default_layer(model, (side, side))
+    cpu_free = LRP(model).label_free(x, layer)
+    gpu_model = model.to("cuda:0")
+    lrp = LRP(gpu_model)
+    gpu = lrp.relevance(x.to("cuda:0"), classes=classes.to("cuda:0")).maps
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0.0, atol=1e-4 * float(cpu.abs().max()))
+    gpu_free = lrp.label_free(x.to("cuda:0"), layer).cpu()
+    torch.testing.assert_close(gpu_free, cpu_free, rtol=0.0, atol=1e-4 * float(cpu_free.abs().max()))
