@@ -448,8 +448,10 @@ def test_unsupported_operations_name_the_module_and_its_type():
         LRP(with_act(Scaled()))
     with pytest.raises(Unsupported, match=r"function torch\.softmax in the model's own forward \(Softmaxed\)"):
         LRP(Softmaxed())
-    with pytest.raises(Unsupported, match=r"forward of Branching cannot be traced"):
+    with pytest.raises(Unsupported, match=r"forward of the model \(Branching\) cannot be traced"):
         LRP(Branching())
+    with pytest.raises(Unsupported, match=r"forward of module 'body' \(Branching\) cannot be traced"):
+        LRP(Head(Branching(), [1.0, 1.0, 1.0, 1.0]))
     with pytest.raises(Unsupported, match=r"module '0' \(Conv2d\).*padding_mode='reflect'"):
         LRP(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten()))
     assert issubclass(Unsupported, ValueError)

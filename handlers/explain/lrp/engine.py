@@ -215,6 +215,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.rules = rules
         self.outputs: dict[str, list[Node]] = {}
+        self.inside: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if hasattr(type(m), "lrp_rule"):
@@ -227,7 +228,9 @@ class _Tracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        self.inside.append(f"module {self.path_of_module(m)!r} ({type(m).__name__})")
         out = super().call_module(m, forward, args, kwargs)
+        self.inside.pop()  # left in place when tracing fails: the innermost module is the culprit
         if isinstance(out, fx.Proxy):
             self.outputs.setdefault(self.path_of_module(m), []).append(out.node)
         return out
@@ -333,10 +336,11 @@ class Graph:
         try:
             graph = tracer.trace(model)
         except Exception as exc:
+            where = tracer.inside[-1] if tracer.inside else f"the model ({type(model).__name__})"
             raise Unsupported(
-                f"the forward of {type(model).__name__} cannot be traced with torch.fx ({type(exc).__name__}: "
-                f"{exc}); give the module that does this a rule (rules={{ItsType: rule}} or an lrp_rule class "
-                "attribute) so that it is treated as one operation"
+                f"LRP cannot explain {type(model).__name__}: the forward of {where} cannot be traced with torch.fx "
+                f"({type(exc).__name__}: {exc}); give that module a rule (rules={{ItsType: rule}} or an "
+                "lrp_rule class attribute) so that it is treated as one operation"
             ) from exc
         finally:
             for m, mode in modes.items():
