@@ -132,7 +132,7 @@ def apply_rule(rule, module: nn.Module, x: torch.Tensor, r: torch.Tensor | None 
     with torch.no_grad():
         y, saved = rule.forward(op, (x,), {})
         r = torch.rand_like(y) if r is None else r
-        return y, r, rule.relevance(op, r, saved)[0]
+        return y, r, rule.relevance(op, r.clone(), saved)[0]  # a rule owns (may overwrite) its relevance
 
 
 def slow_rule(z: torch.Tensor, denominator: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

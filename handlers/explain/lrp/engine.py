@@ -531,7 +531,11 @@ class Graph:
     def propagate(
         self, pending: dict[Node, Any], saved: dict[Node, Any], low: int = 0, high: int | None = None
     ) -> dict[Node, Any]:
-        """The relevance pass over steps ``high`` down to ``low``; returns the relevance left below ``low``."""
+        """The relevance pass over steps ``high`` down to ``low``; returns the relevance left below ``low``.
+
+        Every relevance tensor handed to a rule is its own (fresh, or a view no other rule receives), so a
+        rule may overwrite it; the seeds in ``pending`` must not be shared with saved values.
+        """
         high = len(self.steps) - 1 if high is None else high
         for index in range(high, low - 1, -1):
             step = self.steps[index]
@@ -708,7 +712,7 @@ class LRP:
                 node = self._node(layer)
                 env, saved = graph.run(x, stop=graph.position[node], keep=[node])
                 out = env[node]
-                maps = self._to_input(graph.propagate({node: out}, saved, 0, graph.position[node]), x)
+                maps = self._to_input(graph.propagate({node: out.clone()}, saved, 0, graph.position[node]), x)
                 return Relevance(maps, out.flatten(1).sum(1))
             at = self._node(mask[0]) if mask is not None else None
             env, saved = graph.run(x, keep=[graph.logits] if at is None else [graph.logits, at])

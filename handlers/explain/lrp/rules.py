@@ -5,7 +5,9 @@ Every rule has the same three methods, called by the engine (:mod:`.engine`) for
 - ``setup(op)`` once when the engine is built (copy and modify weights, fold a batch norm, check arguments);
 - ``forward(op, args, kwargs) -> (output, saved)`` in the forward pass, keeping what ``relevance`` needs;
 - ``relevance(op, r, saved) -> [R_input, ...]`` in the relevance pass: one entry per relevance-carrying input
-  of the node (``op.inputs``, in argument order), ``None`` for an input that receives nothing.
+  of the node (``op.inputs``, in argument order), ``None`` for an input that receives nothing. ``r`` is the
+  rule's own (the engine never hands one tensor to two rules), so a rule may overwrite it, and must not
+  overwrite anything in ``saved``, which K-class passes reuse.
 
 Rules are configuration only (a rule object may serve many nodes); per-node state lives on the :class:`Op`.
 The rules for layers with weights are composed from :class:`Term` s the way zennit composes its hooks from
@@ -408,14 +410,15 @@ class Norm(Rule):
         kind = saved[0]
         if kind == "sum":
             _, a, b, y = saved
-            s = r / stabilize(y, self.stabilizer)
-            out: Relevances = []
-            if a is not None:
-                out.append((a * s).sum_to_size(a.shape) if a.shape != s.shape else a * s)
-            if b is not None:
-                rb = b * s * op.state["sign"]
-                out.append(rb.sum_to_size(b.shape) if b.shape != s.shape else rb)
-            return out
+            s = stabilize(y, self.stabilizer)
+            s = torch.div(r, s, out=s) if s.shape == r.shape else r / s  # R / stab(y), in the new buffer
+            ra = None if a is None else (a * s).sum_to_size(a.shape)
+            if b is None:
+                return [ra]
+            rb = s.mul_(b) if s.shape == b.shape else (s * b).sum_to_size(b.shape)  # s is not read again
+            if op.state["sign"] < 0:
+                rb = rb.neg_()
+            return [rb] if a is None else [ra, rb]
         if kind == "mean":
             _, x, y, dims = saved
             axes, keepdim = dims.value
@@ -751,7 +754,7 @@ class Weighted(Rule):
         state = op.state
         layer: _Layer = state["layer"]
         x, z, pos, neg = saved
-        s = r / z
+        s = r.div_(z) if r.shape == z.shape else r / z  # the engine hands every rule its own relevance
         if state["reuse"]:
             return [_times_input(layer.transpose(s, x, state["weight"]), x)]
         out = None
