@@ -51,6 +51,22 @@ def randomize_bn(model: nn.Module, seed: int = 0, *, zero_shift: bool = False) -
     return model.eval()
 
 
+def small_vgg11_bn() -> nn.Module:
+    """VGG-11-BN with a smaller head (the stock one is 120M parameters, slow to deep-copy for zennit)."""
+    model = torchvision.models.vgg11_bn(weights=None)
+    model.avgpool = nn.AdaptiveAvgPool2d(2)
+    model.classifier = nn.Sequential(
+        nn.Linear(2048, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 10),
+    )
+    return randomize_bn(model)
+
+
 def small_net(*, bias: bool = True) -> nn.Module:
     """A plain sequential conv net with every supported layer type."""
     torch.manual_seed(0)
@@ -308,19 +324,7 @@ def test_matches_zennit_resnet(arch, side):
 def test_matches_zennit_vgg11_bn():
     from zennit.canonizers import SequentialMergeBatchNorm
 
-    model = torchvision.models.vgg11_bn(weights=None)
-    # A smaller head (the stock one is 120M parameters, slow to deep-copy for zennit); still a VGG.
-    model.avgpool = nn.AdaptiveAvgPool2d(2)
-    model.classifier = nn.Sequential(
-        nn.Linear(2048, 64),
-        nn.ReLU(True),
-        nn.Dropout(),
-        nn.Linear(64, 64),
-        nn.ReLU(True),
-        nn.Dropout(),
-        nn.Linear(64, 10),
-    )
-    model = randomize_bn(model)
+    model = small_vgg11_bn()
     x = torch.randn(2, 3, 64, 64)
     lrp = LRP(model)
     classes = torch.tensor([2, 9])
@@ -724,18 +728,7 @@ def reference_model(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name != "vgg11_bn":
         return randomize_bn(getattr(torchvision.models, name)(weights=None, num_classes=10))
-    model = torchvision.models.vgg11_bn(weights=None)
-    model.avgpool = nn.AdaptiveAvgPool2d(2)
-    model.classifier = nn.Sequential(
-        nn.Linear(2048, 64),
-        nn.ReLU(True),
-        nn.Dropout(),
-        nn.Linear(64, 64),
-        nn.ReLU(True),
-        nn.Dropout(),
-        nn.Linear(64, 10),
-    )
-    return randomize_bn(model)
+    return small_vgg11_bn()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11_bn"])

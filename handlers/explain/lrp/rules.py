@@ -373,19 +373,29 @@ _ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
 _SUB = (operator.sub, operator.isub, torch.sub, "sub", "sub_")
 
 
-class Norm(Rule):
-    """Proportional redistribution over a bias-free linear map (zennit's ``Norm``; LRP-ε with every input).
-
-    ``R_i = x_i ⊙ ∂y/∂x_iᵀ (R / stab(y))`` for each relevance-carrying input ``x_i``; a constant operand
-    absorbs its share. Sums and differences have a direct implementation (the residual ``+``), the rest
-    (mean, average pooling, resizing) re-runs the operation with autograd.
+class Stabilized(Rule):
+    """A rule that divides by a stabilised output.
 
     Args:
         stabilizer: added to each denominator with its sign.
     """
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
+        if not stabilizer > 0:
+            raise ValueError(f"stabilizer must be > 0, got {stabilizer!r}")
         self.stabilizer = stabilizer
+
+
+class Norm(Stabilized):
+    """Proportional redistribution over a bias-free linear map (zennit's ``Norm``; LRP-ε with every input).
+
+    ``R_i = x_i ⊙ ∂y/∂x_iᵀ (R / stab(y))`` for each relevance-carrying input ``x_i``; a constant operand
+    absorbs its share. Sums, differences and means have a direct implementation (the residual ``+``,
+    global average pooling), the rest (average pooling, resizing) re-runs the operation with autograd.
+
+    Args:
+        stabilizer: added to each denominator with its sign.
+    """
 
     @override
     def setup(self, op: Op) -> None:
@@ -512,7 +522,7 @@ def _to_shape(r: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return r.sum_to_size(r.shape[0], *shape[1:])
 
 
-class LayerNormRule(Rule):
+class LayerNormRule(Stabilized):
     """Layer normalisation with its standard deviation treated as a constant, under LRP-ε.
 
     ``y = (x − μ)/σ ⊙ w + b`` is linear in ``x`` once σ is fixed; with ``g = w/σ ⊙ R/stab(y)`` over the
@@ -523,9 +533,6 @@ class LayerNormRule(Rule):
     Args:
         stabilizer: added to each denominator with its sign.
     """
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        self.stabilizer = stabilizer
 
     @override
     def setup(self, op: Op) -> None:
