@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python -m benchmarks.lafam_overhead --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.explain_speed --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.architectures --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.serving --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.soak --write benchmarks/RESULTS.md
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -146,10 +147,22 @@ def _read_state_dict(weights: str | Path) -> dict[str, Tensor]:
             f"possibly under 'state_dict' or 'model'); save one with torch.save(model.state_dict(), path)"
         )
     state = dict(loaded)
+    # The per-module versions torch.save keeps beside the tensors: some modules (torchvision's MNASNet) refuse
+    # to load without them, and a copy of the mapping would drop them.
+    metadata = getattr(loaded, "_metadata", None)
     prefix = "module."  # left by DataParallel / DistributedDataParallel
     if state and all(key.startswith(prefix) for key in state):
         state = {key[len(prefix) :]: value for key, value in state.items()}
-    return state
+        if metadata is not None:
+            metadata = {  # "module" (the wrapped model itself) becomes "", "module.x" becomes "x"
+                key.removeprefix("module").removeprefix("."): value
+                for key, value in metadata.items()
+                if key == "module" or key.startswith(prefix)
+            }
+    result = OrderedDict(state)
+    if metadata is not None:
+        result._metadata = metadata  # type: ignore[attr-defined]  # as Module.state_dict sets it
+    return result
 
 
 def _load_state_dict(model: nn.Module, state: dict[str, Tensor], *, spec: str, weights: str | Path) -> None:

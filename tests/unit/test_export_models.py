@@ -306,6 +306,19 @@ def test_weights_round_trip(resnet_weights: tuple[nn.Module, Path], tmp_path: Pa
     assert not loaded.training
 
 
+@pytest.mark.parametrize("wrap", ["plain", "data-parallel"])
+def test_weights_keep_the_module_versions_a_model_needs(tmp_path: Path, wrap: str) -> None:
+    # MNASNet's _load_from_state_dict refuses a state_dict without the versions torch.save keeps beside it.
+    torch.manual_seed(0)
+    model = resolve_model("mnasnet0_5", num_classes=10)
+    path = tmp_path / "mnasnet.pt"
+    torch.save((model if wrap == "plain" else nn.DataParallel(model)).state_dict(), path)
+    loaded = resolve_model("mnasnet0_5", num_classes=10, weights=path)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_weights_for_another_head_name_num_classes(resnet_weights: tuple[nn.Module, Path]) -> None:
     _, path = resnet_weights
     with pytest.raises(ModelSpecError, match=r"shape mismatch: fc\.weight .*pass num_classes=10"):
