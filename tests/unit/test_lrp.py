@@ -540,7 +540,7 @@ def layer_size(model: nn.Module, layer: str, x: torch.Tensor) -> tuple[int, int]
     return tuple(sizes[0])
 
 
-@pytest.mark.parametrize(("arch", "layer"), [("sequential", "6"), ("resnet18", "layer3")])
+@pytest.mark.parametrize(("arch", "layer"), [("sequential", "6"), ("sequential", "1"), ("resnet18", "layer3")])
 def test_mask_of_ones_is_the_unmasked_relevance(arch, layer):
     if arch == "resnet18":
         model, side = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10)), 64

@@ -143,6 +143,7 @@ _NORM_FUNCTIONS = (
 )
 _GATE_FUNCTIONS = (operator.mul, torch.mul, operator.truediv, torch.div)
 _META_METHODS = ("size", "dim", "numel")
+_RELUS = (F.relu, torch.relu, "relu")
 _META_FUNCTIONS = (getattr, len)
 _INPLACE_FUNCTIONS = {
     operator.iadd: operator.add,
@@ -504,9 +505,11 @@ class Graph:
         saved: dict[Node, Any] = {}
         steps = self.steps if stop is None else self.steps[: stop + 1]
         keep = set(keep)
-        for step, (resolve, free) in zip(steps, self.plans, strict=False):
+        for step, (resolve, free, inplace) in zip(steps, self.plans, strict=False):
             args, kwargs = resolve(env)
-            if step.rule is None:
+            if inplace and keep.isdisjoint(inplace):  # a ReLU on a value only it reads
+                env[step.node], saved[step.node] = torch.relu_(args[0]), None
+            elif step.rule is None:
                 env[step.node] = step.call(*args, **kwargs)
             else:
                 env[step.node], saved[step.node] = step.rule.forward(step.op, args, kwargs)
@@ -515,8 +518,12 @@ class Graph:
                     env.pop(node, None)
         return env, saved
 
-    def _plans(self) -> list[tuple[Callable[[dict], tuple[tuple, dict]], tuple[Node, ...]]]:
-        """Per step: how to read its arguments from the values (fast for flat ones) and what to free after it."""
+    def _plans(self) -> list[tuple[Callable[[dict], tuple[tuple, dict]], tuple[Node, ...], tuple[Node, ...]]]:
+        """Per step: how to read its arguments, what to free after it, and what a ReLU may overwrite.
+
+        Arguments of flat calls are read without ``map_arg``; overwriting saves one large allocation per
+        convolution–batch norm–ReLU.
+        """
         last: dict[Node, int] = {}
         for index, step in enumerate(self.steps):
             for node in step.node.all_input_nodes:
@@ -525,8 +532,28 @@ class Graph:
         for index, step in enumerate(self.steps):
             node = step.node
             free = tuple(n for n in node.all_input_nodes if last[n] == index and n not in self.constants)
-            plans.append((_resolver(node), free))
+            plans.append((_resolver(node), free, self._overwritable(step)))
         return plans
+
+    def _overwritable(self, step: _Step) -> tuple[Node, ...]:
+        """The nodes whose value a ReLU may overwrite (empty: none): a layer's output nothing else reads.
+
+        A convolution's (or linear layer's) output, through the batch norms folded into it, is read only by
+        the ReLU after it, and weighted rules keep their input and denominators, never their output.
+        """
+        module = step.op.module if step.op is not None else None
+        relu = isinstance(module, nn.ReLU) or (module is None and step.op is not None and _key(step.node) in _RELUS)
+        if not relu or len(step.carriers) != 1 or not isinstance(step.rule, Pass):
+            return ()
+        chain = [step.carriers[0]]
+        while True:
+            node = chain[-1]
+            if len(node.users) != 1 or node not in self.position:
+                return ()
+            producer = self.steps[self.position[node]]
+            if not isinstance(producer.rule, _Folded):
+                return tuple(chain) if producer.rule.weighted else ()
+            chain.append(producer.carriers[0])
 
     def propagate(
         self, pending: dict[Node, Any], saved: dict[Node, Any], low: int = 0, high: int | None = None
