@@ -64,6 +64,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from benchmarks._models import calibrate_batch_norms
 from benchmarks._report import cpu_name, package_version, section, write_section
 from export.exporter import export_model
 from handlers import metrics
@@ -173,26 +174,13 @@ class Row:
     setup_error: str | None = None
 
 
-def calibrated(model: nn.Module, side: int) -> nn.Module:
-    """Batch norms set to the statistics of 4 seeded random images; biases and shifts kept. Eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: one batch sets the statistics exactly
-    if norms:
-        model.train()
-        with torch.no_grad():
-            model(torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
-
-
 def build(family: str, side: int) -> nn.Module:
     """The family's model, random seeded weights, 1000 classes, built as the worker builds it, calibrated."""
     torch.manual_seed(0)
     with warnings.catch_warnings():  # GoogLeNet/Inception: "the default weight initialization will change"
         warnings.simplefilter("ignore", (UserWarning, FutureWarning))
         model = build_architecture(family, NUM_CLASSES)
-    return calibrated(model, side)
+    return calibrate_batch_norms(model, side)
 
 
 def jpeg(seed: int = 0) -> bytes:

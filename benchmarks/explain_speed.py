@@ -73,6 +73,7 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks._models import calibrate_batch_norms, without_biases
 from benchmarks._report import cpu_name, package_version, section, write_section
 from export.models import find_default_layer
 from handlers.explain.distribution import attribution_distribution, explain, fast_input_x_gradient, fast_lrp
@@ -247,24 +248,7 @@ def conserving_model(arch: str, size: int, device: torch.device) -> nn.Module:
     which makes every block nearly the identity) are set to 1 so that the residual branches carry relevance.
     """
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    with torch.no_grad():
-        if norms:
-            model.train()
-            model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
-        model.eval()
-        for norm in norms:
-            norm.running_mean.zero_()
-            norm.bias.zero_()
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d | nn.Linear | nn.LayerNorm) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, torchvision.models.convnext.CNBlock):
-                module.layer_scale.fill_(1.0)
+    model = without_biases(calibrate_batch_norms(getattr(torchvision.models, arch)(weights=None), size))
     return model.to(device)
 
 

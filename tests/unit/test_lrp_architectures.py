@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from benchmarks._models import calibrate_batch_norms, without_biases
 from export.models import find_default_layer
 from handlers.explain.lrp import LRP
 
@@ -47,23 +48,7 @@ FAMILIES = {
 
 def calibrated(model: nn.Module, side: int) -> nn.Module:
     """Batch norms set to the statistics of random images, then every bias and shift set to zero."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    if norms:
-        model.train()
-        with torch.no_grad():
-            model(torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1)))
-    model.eval()
-    with torch.no_grad():
-        for norm in norms:
-            norm.running_mean.zero_()
-            norm.bias.zero_()
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear | nn.LayerNorm) and m.bias is not None:
-                m.bias.zero_()
-    return model
+    return without_biases(calibrate_batch_norms(model, side))
 
 
 def build(name: str, side: int) -> nn.Module:
