@@ -742,3 +742,14 @@ def test_same_results_as_the_chain_engine(name):
     for key, got in checks.items():
         scale = float(expected[key].abs().max())
         torch.testing.assert_close(got, expected[key], rtol=0.0, atol=1e-5 * scale, msg=key)
+
+
+def test_a_batch_norm_after_a_relu_makes_the_next_input_signed():
+    """ReLU → BatchNorm (not folded: no convolution before it) → Conv: the convolution's z⁺ needs its x⁻ term."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3), nn.Flatten())
+    randomize_bn(model)
+    lrp = LRP(model)
+    last = next(step for step in lrp._graph.steps if step.node.target == "3")
+    assert last.op.nonnegative == (False,)
+    assert bool(lrp.relevance(torch.randn(2, 3, 8, 8), classes=torch.tensor([0, 5])).maps.isfinite().all())

@@ -87,8 +87,6 @@ _PASS_THROUGH = (
     nn.Dropout2d,
     nn.AlphaDropout,
     nn.Identity,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
     torchvision.ops.StochasticDepth,
 )
 _PASS_FUNCTIONS = (F.dropout, F.dropout2d, torchvision.ops.stochastic_depth)
@@ -164,11 +162,13 @@ def default_rules(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> dict[RuleK
         nn.Conv2d: ByGroups(ZPlus(stabilizer), Epsilon(stabilizer)),
         nn.Linear: Epsilon(epsilon),
     }
-    signed, nonnegative, route = Pass(), Pass(nonnegative=True), Route()
-    norm, gate, same = Norm(stabilizer), Gate(), Pass(nonnegative=None)
-    rules.update(dict.fromkeys((*_ACTIVATIONS_SIGNED, *_FUNCTIONS_SIGNED), signed))
+    # Identity rules differ only in what they say of their output's sign: ">= 0 if the input is" (SiLU, GELU…
+    # map [0, ∞) into itself; dropout), ">= 0" (ReLU, sigmoid), or "any sign" (an unfolded, affine batch norm).
+    same, nonnegative, signed = Pass(nonnegative=None), Pass(nonnegative=True), Pass(nonnegative=False)
+    norm, gate, route = Norm(stabilizer), Gate(), Route()
+    rules.update(dict.fromkeys((*_ACTIVATIONS_SIGNED, *_FUNCTIONS_SIGNED, *_PASS_THROUGH, *_PASS_FUNCTIONS), same))
     rules.update(dict.fromkeys((*_ACTIVATIONS_NONNEGATIVE, *_FUNCTIONS_NONNEGATIVE), nonnegative))
-    rules.update(dict.fromkeys((*_PASS_THROUGH, *_PASS_FUNCTIONS), same))
+    rules.update(dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d), signed))
     rules.update(dict.fromkeys((*_ROUTE_MODULES, *_ROUTE_FUNCTIONS, *_ROUTE_METHODS), route))
     rules.update(dict.fromkeys((*_NORM_MODULES, *_NORM_FUNCTIONS, "add", "sub", "mean", "sum"), norm))
     rules.update(dict.fromkeys((*_GATE_FUNCTIONS, "mul", "div"), gate))
