@@ -395,7 +395,6 @@ class Graph:
             index = self.steps.index(self.first)
             self.first = self.first._replace(rule=first_rule)
             self.steps[index] = self.first
-            self.first.op.first = True
         nonnegative: dict[Node, bool] = {self.input: False}
         for step in self.steps:
             if step.op is None:

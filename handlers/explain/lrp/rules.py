@@ -87,13 +87,12 @@ class Op:
         kind: ``call_module``, ``call_function`` or ``call_method``.
         target: the module's qualified name, the function, or the method name.
         where: the module the operation belongs to and its type, for messages (``layer1.0 (Bottleneck)``).
-        module: a private eval-mode copy of the module (``call_module``; weighted layers keep the original,
-            only to read its weights at setup).
-        call: runs the operation on resolved arguments, out of place (``call(*args, **kwargs)``).
+        module: the model's own module (``call_module``), only read: its weights and settings at setup.
+        call: runs the operation on resolved arguments, out of place (``call(*args, **kwargs)``; for a
+            module, a private eval-mode copy with ``inplace`` off).
         inputs: how many relevance-carrying inputs the node has (``relevance`` returns one entry each).
         pick: the relevance-carrying input values among resolved ``(args, kwargs)``, in order.
         nonnegative: per relevance-carrying input, whether it is known to be ``>= 0`` (after a ReLU…).
-        first: the first weighted layer seen from the input (rules may treat it specially).
         folded: the batch norm folded into this layer, if any.
         state: the rule's per-node state, filled by ``setup``.
     """
@@ -107,7 +106,6 @@ class Op:
     inputs: int
     pick: Callable[[tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
     nonnegative: tuple[bool, ...] = ()
-    first: bool = False
     folded: nn.Module | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -297,7 +295,7 @@ def _dense(r: Any, saved: Saved) -> Any:
     return [r.get(i, torch.zeros_like(o)) if isinstance(o, torch.Tensor) else None for i, o in enumerate(outs)]
 
 
-def _saved_for_vjp(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any = None) -> Fixed:
+def _saved_for_vjp(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Fixed:
     carriers = op.pick(args, kwargs)
     outs = list(out) if isinstance(out, tuple | list) else [out]
     return Fixed((args, kwargs, carriers, outs))
@@ -724,6 +722,8 @@ class Weighted(Rule):
         self.bias = bias
         self.stabilizer = stabilizer
         self.positive = positive
+        # z is the output itself when the only term is (x, W) with the whole bias (Epsilon): no extra pass.
+        self._reuse = len(self.terms) == 1 and self.terms[0] == Term("x", _same) and bias is _same
 
     @override
     def setup(self, op: Op) -> None:
@@ -734,9 +734,6 @@ class Weighted(Rule):
         op.state["bias"] = bias
         op.state["terms"] = [(t.input, layer.prepare(t.weight(weight))) for t in self.terms]
         op.state["z_bias"] = None if bias is None or self.bias is None else self.bias(bias)
-        # z is the output itself when the only term is (x, W) with the whole bias (Epsilon): no extra pass.
-        op.state["reuse"] = len(self.terms) == 1 and self.terms[0].input == "x" and self.terms[0].weight is _same
-        op.state["reuse"] = op.state["reuse"] and self.bias is _same
 
     @override
     def forward(self, op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Saved]:
@@ -746,7 +743,7 @@ class Weighted(Rule):
         if layer.conv is not None:
             x = x.contiguous(memory_format=torch.channels_last)
         y = layer.apply(x, state["weight"], state["bias"])
-        if state["reuse"]:
+        if self._reuse:
             return y, (x, stabilize(y, self.stabilizer), None, None)
         # Inputs after a ReLU are known to be >= 0 (no x⁻ terms); check the others (one cheap pass).
         signed = not op.nonnegative[0] and float(x.amin()) < 0
@@ -772,14 +769,15 @@ class Weighted(Rule):
         layer: _Layer = state["layer"]
         x, z, pos, neg = saved
         s = r.div_(z) if r.shape == z.shape else r / z  # the engine hands every rule its own relevance
-        if state["reuse"]:
+        if self._reuse:
             return [_times_input(layer.transpose(s, x, state["weight"]), x)]
+        inputs = {"x": x, "pos": pos, "neg": neg}
         out = None
         for kind, weight in state["terms"]:
             if kind == "neg" and neg is None:
                 continue
             grad = layer.transpose(s, x, weight)
-            part = grad if kind == "ones" else _times_input(grad, {"x": x, "pos": pos, "neg": neg}[kind])
+            part = grad if kind == "ones" else _times_input(grad, inputs[kind])
             out = part if out is None else out.add_(part)
         return [out]
 
