@@ -321,6 +321,19 @@ def test_matches_zennit_resnet(arch, side):
     assert rel_err(lrp.label_free(x, "layer4"), ref) < 1e-3
 
 
+@pytest.mark.parametrize("small", [0, 10**9])
+def test_channels_first_and_channels_last_convolutions_agree(monkeypatch, small):
+    """Small outputs run channels-first, the rest channels-last: forcing either everywhere changes nothing."""
+    from handlers.explain.lrp.rules import _Layer
+
+    model = randomize_bn(torchvision.models.resnet18(weights=None))
+    x, classes = torch.randn(2, 3, 64, 64), torch.tensor([[3, 7], [1, 2]])
+    mixed = LRP(model).relevance(x, classes=classes).maps
+    monkeypatch.setattr(_Layer, "SMALL", small)
+    forced = LRP(model).relevance(x, classes=classes).maps
+    assert rel_err(forced, mixed) < 1e-5
+
+
 def test_matches_zennit_vgg11_bn():
     from zennit.canonizers import SequentialMergeBatchNorm
 

@@ -612,11 +612,16 @@ class _ConvSpec(NamedTuple):
 class _Layer:
     """``layer(x, W, b)`` and its transpose for one Conv2d or Linear, with the fast paths of a 2-core CPU.
 
-    Convolutions run channels-last (oneDNN then skips its layout reorders); a 1×1 convolution without padding
-    is one matrix product over the pixels each way, without the im2col copies of the generic path, on the
-    subsampled pixels when strided (ResNet's downsampling: 1.8 against 4.1 ms for oneDNN's 1024→2048 at 14×14,
-    stride 2, on 2 cores).
+    Convolutions run channels-last (oneDNN then skips its layout reorders) except on small outputs, where
+    oneDNN's channels-first kernels are faster (ResNet-50's layer4 3×3 at 7×7: 1.24 against 1.52 ms forward,
+    1.36 against 1.71 ms transposed; 1.37 against 1.99 ms for its stride-2 14→7, on 2 cores); a 1×1
+    convolution without padding is one matrix product over the pixels each way, without the im2col copies of
+    the generic path, on the subsampled pixels when strided (ResNet's downsampling: 1.8 against 4.1 ms for
+    oneDNN's 1024→2048 at 14×14, stride 2, on 2 cores).
     """
+
+    SMALL = 64
+    """Output pixels up to which a (non-1×1) convolution runs channels-first."""
 
     def __init__(self, op: Op) -> None:
         m = op.module
@@ -632,17 +637,47 @@ class _Layer:
                 else:
                     raise Unsupported(f"{op.where}: Conv2d with asymmetric padding='same' has no LRP rule here")
             self.conv: _ConvSpec | None = _ConvSpec(m.stride, tuple(padding), m.dilation, m.groups)
-            kernel = tuple(m.weight.shape[2:])
+            self.kernel = tuple(m.weight.shape[2:])
             spec = self.conv
-            self.pointwise = kernel == (1, 1) and (spec.padding, spec.dilation, spec.groups) == ((0, 0), (1, 1), 1)
+            self.pointwise = self.kernel == (1, 1) and (spec.padding, spec.dilation, spec.groups) == ((0, 0), (1, 1), 1)
         elif isinstance(m, nn.Linear):
             self.conv = None
             self.pointwise = False
         else:
             raise Unsupported(f"{op.where}: weighted rules apply to Conv2d and Linear, not {type(m).__name__}")
 
+        # id of a prepared weight → (that weight, kept alive so the id stays its own; its channels-first copy)
+        self._channels_first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight as the layer keeps it (channels-last for convolutions; a channels-first copy on demand)."""
         return weight.contiguous(memory_format=torch.channels_last) if self.conv is not None else weight
+
+    def _small(self, x: torch.Tensor) -> bool:
+        """Whether this convolution's output on ``x`` is small enough to run channels-first."""
+        s = self.conv
+        if s is None or self.pointwise:
+            return False
+        pixels = 1
+        for size, k, p, d, st in zip(x.shape[2:], self.kernel, s.padding, s.dilation, s.stride, strict=True):
+            pixels *= (size + 2 * p - d * (k - 1) - 1) // st + 1
+        return pixels <= self.SMALL
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout this layer runs on (no copy when it already is)."""
+        if self.conv is None:
+            return x
+        small = self._small(x)
+        return x.contiguous() if small else x.contiguous(memory_format=torch.channels_last)
+
+    def _weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in ``x``'s layout: oneDNN follows the weight's layout when it is channels-last."""
+        if not self._small(x):
+            return weight
+        kept = self._channels_first.get(id(weight))
+        if kept is None or kept[0] is not weight:
+            kept = self._channels_first[id(weight)] = (weight, weight.contiguous())
+        return kept[1]
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         s = self.conv
@@ -656,7 +691,7 @@ class _Layer:
             matrix = weight.reshape(weight.shape[0], c).T
             out = pixels @ matrix if bias is None else torch.addmm(bias, pixels, matrix)
             return out.view(n, h, w, -1).permute(0, 3, 1, 2)
-        return F.conv2d(x, weight, bias, s.stride, s.padding, s.dilation, s.groups)
+        return F.conv2d(x, self._weight(x, weight), bias, s.stride, s.padding, s.dilation, s.groups)
 
     def transpose(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``∂ layer(x, W)/∂x ᵀ grad`` (the transposed convolution or matrix product)."""
@@ -672,6 +707,9 @@ class _Layer:
             full = full.contiguous(memory_format=torch.channels_last)
             full[:, :, :: s.stride[0], :: s.stride[1]] = out.permute(0, 3, 1, 2)
             return full
+        weight = self._weight(x, weight)
+        if self._small(x):
+            grad = grad.contiguous()
         return torch.ops.aten.convolution_backward(
             grad, x, weight, None, s.stride, s.padding, s.dilation, False, [0, 0], s.groups, [True, False, False]
         )[0]
@@ -739,9 +777,7 @@ class Weighted(Rule):
     def forward(self, op: Op, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Saved]:
         state = op.state
         layer: _Layer = state["layer"]
-        x = args[0]
-        if layer.conv is not None:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = layer.layout(args[0])
         y = layer.apply(x, state["weight"], state["bias"])
         if self._reuse:
             return y, (x, stabilize(y, self.stabilizer), None, None)
