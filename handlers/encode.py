@@ -25,7 +25,10 @@ def png_base64(map_2d: torch.Tensor) -> str:
 
 
 def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, signed: bool) -> dict[str, Any]:
-    """Encode one map: ``{"data": ...}`` (plus ``max_abs`` for a signed map).
+    """Encode one map: ``{"empty": ..., "data": ...}`` (plus ``max_abs`` for a signed map).
+
+    ``empty`` is true when every value of the map is zero: nothing was attributed, e.g. a distribution's map
+    where no location passed the threshold τ, or a LaFAM map of constant activations.
 
     A LaFAM map is already in [0, 1]. A signed map (LRP, Grad-CAM, distributions) is divided by its largest
     absolute value ``max_abs`` (reported, so raw values can be recovered): ``array`` data then lies in
@@ -38,8 +41,11 @@ def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, si
         resized: ``(H, W)`` map at the requested size, required for ``png``.
         signed: whether the map is signed (not min-max scaled).
     """
-    scale = float(native.detach().abs().max()) if signed else 1.0
-    entry: dict[str, Any] = {"max_abs": round(scale, 8)} if signed else {}
+    peak = float(native.detach().abs().max()) if native.numel() else 0.0
+    scale = peak if signed else 1.0
+    entry: dict[str, Any] = {"empty": not peak > 0}
+    if signed:
+        entry["max_abs"] = round(scale, 8)
     divisor = scale if scale > 0 else 1.0
     if fmt == "png":
         if resized is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidOption
-from .explain.distribution import TAU, TEMPERATURE
+from .explain.distribution import NORMALIZE, TAU, TEMPERATURE
 from .manifest import Manifest
 from .methods import registry
 from .methods.contract import Method
@@ -48,6 +48,8 @@ class RequestOptions:
         base: base attribution of the distribution methods.
         temperature: softmax temperature T of the distributions.
         tau: threshold τ of the distributions.
+        normalize: how the distributions scale the competing maps (``max`` or ``none``); the default
+            follows the base whose maps compete (:attr:`~.methods.bases.BaseAttribution.normalize`).
     """
 
     method: str
@@ -62,6 +64,7 @@ class RequestOptions:
     base: str = "gradcam"
     temperature: float = TEMPERATURE
     tau: float = TAU
+    normalize: str = "none"
 
     @property
     def num_classes(self) -> int:
@@ -274,6 +277,7 @@ def parse_options(
             "temperature", raw.get("temperature", TEMPERATURE), _temperature, "in (0, 1e6] (paper: 10)"
         ),
         tau=_number("tau", raw.get("tau", TAU), lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.01)"),
+        normalize=_choice("normalize", raw["normalize"], NORMALIZE) if "normalize" in raw else method.normalize(base),
     )
 
 

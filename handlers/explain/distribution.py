@@ -40,6 +40,11 @@ TEMPERATURE = 10.0
 TAU = 0.01
 """The paper's significance threshold τ (reference code: ``ContrastiveAttributionWrapper(tau=0.01)``)."""
 
+NORMALIZE: tuple[str, ...] = ("max", "none")
+"""How the K maps are scaled before they compete: ``max`` divides them jointly by their largest ``|A|`` per
+image (the ratios between classes and locations are kept, the attribution's own scale is not); ``none`` is
+the reference formula on the raw attributions."""
+
 
 class Distribution(NamedTuple):
     """Result of :func:`explain`: class-relevant maps, their classes and the model's probabilities."""
@@ -67,19 +72,36 @@ def _check_attributions(attributions: torch.Tensor) -> None:
         raise ValueError("attributions must hold at least one class (K >= 1)")
 
 
-def class_weights(attributions: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """``M = softmax_k(T · |A_k|)`` over the class dimension of ``(N, K, h, w)``; sums to 1 over k.
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+
+
+def class_weights(
+    attributions: torch.Tensor, temperature: float = TEMPERATURE, normalize: str = "none"
+) -> torch.Tensor:
+    """``M = softmax_k(T · |A_k| / s)`` over the class dimension of ``(N, K, h, w)``; sums to 1 over k.
+
+    ``s`` is 1 (``normalize="none"``, the reference) or, with ``normalize="max"``, the largest ``|A|`` of the
+    image's K maps together (1 where they are all zero): the competition then no longer depends on the
+    attribution's scale (per-pixel LRP relevance is about 1e-6 to 1e-3, where ``T · |A|`` stays near 0, the
+    softmax near uniform and every map empty), while the ratios between classes are kept.
 
     Raises:
-        ValueError: ``attributions`` not a 4-D float tensor with K ≥ 1, or bad ``temperature``.
+        ValueError: ``attributions`` not a 4-D float tensor with K ≥ 1, bad ``temperature`` or ``normalize``.
     """
     _check_attributions(attributions)
     _check_temperature_tau(temperature, 0.0)
-    return torch.softmax(float(temperature) * attributions.abs(), dim=1)
+    _check_normalize(normalize)
+    magnitude = attributions.abs()
+    if normalize == "max":
+        peak = magnitude.amax(dim=(1, 2, 3), keepdim=True)
+        magnitude = magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.softmax(float(temperature) * magnitude, dim=1)
 
 
 def attribution_distribution(
-    attributions: torch.Tensor, temperature: float = TEMPERATURE, tau: float = TAU
+    attributions: torch.Tensor, temperature: float = TEMPERATURE, tau: float = TAU, normalize: str = "none"
 ) -> torch.Tensor:
     """Class-relevant maps ``A_c ⊙ M_c ⊙ 1[M_c − 1/K > τ]`` for every class of ``(N, K, h, w)``.
 
@@ -87,6 +109,8 @@ def attribution_distribution(
         attributions: base maps, one per class, ``(N, K, h, w)`` (signed; the competition uses ``|A|``).
         temperature: softmax temperature T > 0; larger is closer to a hard arg-max over classes.
         tau: threshold τ in [0, 1) on ``M_c − 1/K``; larger keeps fewer locations.
+        normalize: ``none`` (the reference) or ``max`` (see :func:`class_weights`); the maps returned are
+            the raw ``A_c`` times the weights either way.
 
     Returns:
         ``(N, K, h, w)`` maps, same dtype and device; all zeros when K = 1.
@@ -100,7 +124,7 @@ def attribution_distribution(
         tensor([[[[1.0000]], [[0.0000]]]])
     """
     _check_temperature_tau(temperature, tau)
-    weights = class_weights(attributions, temperature)
+    weights = class_weights(attributions, temperature, normalize)
     keep = (weights - 1.0 / attributions.shape[1]) > tau
     return attributions * weights * keep
 
@@ -163,6 +187,7 @@ def explain(
     add_least_likely: bool = True,
     temperature: float = TEMPERATURE,
     tau: float = TAU,
+    normalize: str = "none",
 ) -> Distribution:
     """Attribution distributions for the selected classes of each image.
 
@@ -180,6 +205,7 @@ def explain(
         add_least_likely: append the least likely class.
         temperature: softmax temperature T.
         tau: threshold τ.
+        normalize: scaling of the maps before they compete (:data:`NORMALIZE`, :func:`class_weights`).
 
     Returns:
         :class:`Distribution` with maps ``(N, K, h, w)``.
@@ -190,6 +216,7 @@ def explain(
         TypeError: ``base`` is not callable, or ``add_least_likely`` is not a bool.
     """
     _check_temperature_tau(temperature, tau)
+    _check_normalize(normalize)
     if not callable(base):
         raise TypeError(f"base must be callable as base(x, classes) -> (N, K, h, w), got {type(base).__name__}")
 
@@ -208,7 +235,8 @@ def explain(
             f"base must return (N, K) = {tuple(chosen.shape)} maps of shape (N, K, h, w), "
             f"got {getattr(maps, 'shape', type(maps).__name__)}"
         )
-    return Distribution(attribution_distribution(maps, temperature, tau), chosen, torch.softmax(logits.float(), dim=1))
+    distribution = attribution_distribution(maps, temperature, tau, normalize)
+    return Distribution(distribution, chosen, torch.softmax(logits.float(), dim=1))
 
 
 def _layer_competition(
@@ -219,6 +247,7 @@ def _layer_competition(
     *,
     temperature: float,
     tau: float,
+    normalize: str,
     chunk_size: int,
     grad: bool,
     cam: GradCAM | None = None,
@@ -241,8 +270,15 @@ def _layer_competition(
         layer_maps = cam.maps(acts, logits, chosen, head)
     else:
         layer_maps, chosen, logits = cam.attribute(x, select)
-    weights = class_weights(layer_maps.detach(), temperature)[:, 0]
-    return weights * ((weights - 1.0 / chosen.shape[1]) > tau), chosen, logits
+    return _target_share(layer_maps, chosen, temperature, tau, normalize), chosen, logits
+
+
+def _target_share(
+    layer_maps: torch.Tensor, chosen: torch.Tensor, temperature: float, tau: float, normalize: str
+) -> torch.Tensor:
+    """``M_t ⊙ 1[M_t − 1/K > τ]`` of the first class from the K layer-level maps ``(N, K, h, w)``."""
+    weights = class_weights(layer_maps.detach(), temperature, normalize)[:, 0]
+    return weights * ((weights - 1.0 / chosen.shape[1]) > tau)
 
 
 def _selector(
@@ -264,6 +300,7 @@ def fast_input_x_gradient(
     add_least_likely: bool = True,
     temperature: float = TEMPERATURE,
     tau: float = TAU,
+    normalize: str = "none",
     mode: str = "nearest",
     chunk_size: int = 64,
     cam: GradCAM | None = None,
@@ -291,6 +328,7 @@ def fast_input_x_gradient(
         add_least_likely: append the least likely class.
         temperature: softmax temperature T.
         tau: threshold τ.
+        normalize: scaling of the layer-level maps before they compete (:func:`class_weights`).
         mode: upsampling of the mask, ``nearest`` or ``bilinear``.
         chunk_size: classes per batched backward of the layer-level Grad-CAM (if not closed form).
         cam: a :class:`~.gradients.GradCAM` of ``layer`` built once (e.g. :meth:`~.gradients.GradCAM.decide`
@@ -308,7 +346,16 @@ def fast_input_x_gradient(
     inputs = x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) else x
     select = _selector(classes, top_k, add_least_likely)
     mask, chosen, logits = _layer_competition(
-        model, inputs, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=True, cam=cam
+        model,
+        inputs,
+        layer,
+        select,
+        temperature=temperature,
+        tau=tau,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        grad=True,
+        cam=cam,
     )
     mask = resize_maps(mask.float(), tuple(x.shape[-2:]), mode).to(x.dtype)
     target = logits.gather(1, chosen[:, :1]).sum()
@@ -328,6 +375,7 @@ def fast_lrp(
     add_least_likely: bool = True,
     temperature: float = TEMPERATURE,
     tau: float = TAU,
+    normalize: str = "none",
     chunk_size: int = 64,
     cam: GradCAM | None = None,
 ) -> Distribution:
@@ -358,6 +406,7 @@ def fast_lrp(
         add_least_likely: append the least likely class.
         temperature: softmax temperature T.
         tau: threshold τ.
+        normalize: scaling of the layer-level maps before they compete (:func:`class_weights`).
         chunk_size: classes per batched backward of the layer-level Grad-CAM (if not closed form).
         cam: a :class:`~.gradients.GradCAM` of ``layer`` built once (e.g. :meth:`~.gradients.GradCAM.decide`
             at worker start); default: built here.
@@ -371,9 +420,19 @@ def fast_lrp(
     select = _selector(classes, top_k, add_least_likely)
     if cam is not None and cam.head is not None:
         _check_temperature_tau(temperature, tau)
-        return _fast_lrp_one_forward(lrp, cam, x, layer, select, temperature=temperature, tau=tau)
+        _check_normalize(normalize)
+        return _fast_lrp_one_forward(lrp, cam, x, layer, select, temperature=temperature, tau=tau, normalize=normalize)
     mask, chosen, logits = _layer_competition(
-        model, x, layer, select, temperature=temperature, tau=tau, chunk_size=chunk_size, grad=False, cam=cam
+        model,
+        x,
+        layer,
+        select,
+        temperature=temperature,
+        tau=tau,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        grad=False,
+        cam=cam,
     )
     relevance = lrp.relevance(x, classes=chosen[:, 0], mask=(layer, mask))
     return Distribution(relevance.maps[:, None], chosen, torch.softmax(logits.detach().float(), dim=1))
@@ -388,6 +447,7 @@ def _fast_lrp_one_forward(
     *,
     temperature: float,
     tau: float,
+    normalize: str,
 ) -> Distribution:
     """:func:`fast_lrp` inside LRP's own forward.
 
@@ -408,8 +468,7 @@ def _fast_lrp_one_forward(
             layer_maps = cam.maps(acts, logits, chosen[0], cam.head)
         else:
             layer_maps = cam.attribute(x, chosen[0]).maps
-        weights = class_weights(layer_maps.detach(), temperature)[:, 0]
-        return weights * ((weights - 1.0 / chosen[0].shape[1]) > tau)
+        return _target_share(layer_maps, chosen[0], temperature, tau, normalize)
 
     relevance = lrp.relevance(x, classes=target, mask=(layer, competition))
     return Distribution(relevance.maps[:, None], chosen[0], torch.softmax(seen[0].detach().float(), dim=1))

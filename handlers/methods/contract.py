@@ -210,6 +210,12 @@ class Method(ABC):
         """Whether one request's cost grows with the number of classes K (then K is capped at ``max_classes``)."""
         return False
 
+    def normalize(self, base: str | None = None) -> str:
+        """The default ``normalize`` when run over ``base``: the base's own, for methods whose classes compete."""
+        from .bases import BASES
+
+        return BASES[base].normalize if self.competes and base in BASES else "none"
+
     @abstractmethod
     def explain(self, inputs: Inputs) -> Explanation:
         """Explain one image.
@@ -220,6 +226,16 @@ class Method(ABC):
 
     def __repr__(self) -> str:
         return f"<method {self.name!r} ({self.endpoint.value})>"
+
+
+def distribution_extras(options: RequestOptions) -> dict[str, object]:
+    """The options of an attribution distribution, echoed in its response."""
+    return {
+        "base": options.base,
+        "temperature": options.temperature,
+        "tau": options.tau,
+        "normalize": options.normalize,
+    }
 
 
 def choose_classes(method: Method, options: RequestOptions, probabilities: torch.Tensor | None) -> tuple[int, ...]:

@@ -91,6 +91,64 @@ def no_hooks(model: torch.nn.Module) -> bool:
     )
 
 
+# ---- distributions at their defaults: never empty on a confident image ----------------------------------------
+
+
+def confident_scenes(served: tuple[LafamHandler, FakeContext], count: int) -> list[bytes]:
+    """Single-object demo scenes the model classifies correctly with probability ≥ 0.9."""
+    rng, found = np.random.default_rng(60_000), []
+    while len(found) < count:
+        scene = generate_scene(rng, 128, 1)
+        buffer = io.BytesIO()
+        Image.fromarray(scene.image).save(buffer, format="PNG")
+        status, body = handle(served, [buffer.getvalue()], [{}])[0]
+        top = body["predictions"][0]
+        if status == 200 and top["index"] == scene.labels[0] and top["probability"] >= 0.9:
+            found.append(buffer.getvalue())
+    return found
+
+
+@pytest.mark.parametrize(
+    ("method", "base", "normalize"),
+    [
+        ("distribution", "gradcam", "none"),
+        ("distribution", "input_x_gradient", "max"),
+        ("distribution", "lrp", "max"),
+        ("distribution_fast", "lrp", "none"),
+        ("distribution_fast", "input_x_gradient", "none"),
+    ],
+)
+def test_distributions_at_their_defaults_never_return_an_empty_map(
+    served, method: str, base: str, normalize: str
+) -> None:
+    for image in confident_scenes(served, 8):
+        status, body = explain_one(served, image, method=method, base=base, format="array")
+        assert status == 200, body
+        explanation = body["explanation"]
+        assert explanation["normalize"] == normalize  # the base's default, echoed
+        # The most likely class is explained; a runner-up of a one-object scene may rightly keep nothing.
+        top = explanation["classes"][0]
+        assert top["index"] == body["predictions"][0]["index"]
+        assert top["empty"] is False
+        assert top["max_abs"] > 0
+
+
+def test_an_empty_map_says_so(served) -> None:
+    image = confident_scenes(served, 1)[0]
+    status, body = explain_one(served, image, method="distribution", base="lrp", normalize="none", format="array")
+    assert status == 200, body
+    entry = body["explanation"]["classes"][0]
+    assert entry["empty"] is True  # the reference formula on raw LRP relevance: uniform softmax, nothing > τ
+    assert entry["max_abs"] == 0.0
+
+
+def test_bad_normalize_is_400(served, scene_png: bytes) -> None:
+    status, body = explain_one(served, scene_png, method="distribution", normalize="peak")
+    assert status == 400
+    assert body["error"]["option"] == "normalize"
+    assert body["error"]["valid"] == ["max", "none"]
+
+
 # ---- every method, both formats ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from handlers.explain.distribution import (
+    NORMALIZE,
     TAU,
     TEMPERATURE,
     attribution_distribution,
@@ -147,6 +148,43 @@ def test_distribution_equals_slow_loop_on_random_maps(temperature: float, tau: f
     torch.testing.assert_close(
         attribution_distribution(a, temperature, tau), _slow_distribution(a, temperature, tau), **LOOSE
     )
+
+
+@pytest.mark.parametrize(("temperature", "tau"), [(TEMPERATURE, TAU), (50.0, 0.2)])
+def test_normalize_none_is_the_reference_and_max_divides_by_the_joint_peak(temperature: float, tau: float) -> None:
+    a = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(5)) * 1e-4  # LRP-like magnitudes
+    reference = _slow_distribution(a, temperature, tau)
+    torch.testing.assert_close(attribution_distribution(a, temperature, tau, normalize="none"), reference, **LOOSE)
+    peak = a.abs().amax(dim=(1, 2, 3), keepdim=True)  # per image, over the K maps together
+    scaled = _slow_distribution(a / peak, temperature, tau) * peak  # competition on A / peak, raw A kept
+    got = attribution_distribution(a, temperature, tau, normalize="max")
+    torch.testing.assert_close(got, scaled, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e-3, 7.0, 1e4])
+def test_normalize_max_is_invariant_to_scaling_every_map(factor: float) -> None:
+    a = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(class_weights(a * factor, normalize="max"), class_weights(a, normalize="max"))
+    torch.testing.assert_close(
+        attribution_distribution(a * factor, normalize="max"),
+        attribution_distribution(a, normalize="max") * factor,
+        rtol=1e-5,
+        atol=0.0,
+    )
+
+
+def test_normalize_none_empties_tiny_attributions_and_max_does_not() -> None:
+    a = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 1e-5
+    assert not attribution_distribution(a, normalize="none").any()  # softmax(10·|A|) stays uniform
+    assert attribution_distribution(a, normalize="max")[0].flatten(1).any(dim=1).all()  # every class keeps some
+
+
+def test_normalize_max_of_all_zero_maps_is_uniform() -> None:
+    a = torch.zeros(1, 3, 2, 2)
+    torch.testing.assert_close(class_weights(a, normalize="max"), torch.full_like(a, 1 / 3))
+    assert NORMALIZE == ("max", "none")
+    with pytest.raises(ValueError, match="normalize must be one of max, none"):
+        class_weights(a, normalize="peak")
 
 
 def test_weights_sum_to_one_over_classes() -> None:

@@ -51,7 +51,8 @@ def test_png_explanation_fields() -> None:
     body = explanation_json(
         method="lafam", layer="layer4", fmt="png", native=NATIVE, size=(4, 6), upsample="nearest", resized=resized
     )
-    assert set(body) == {"method", "layer", "format", "size", "native_size", "upsample", "data"}
+    assert set(body) == {"method", "layer", "format", "size", "native_size", "upsample", "empty", "data"}
+    assert body["empty"] is False
     assert body["method"] == "lafam"
     assert body["layer"] == "layer4"
     assert body["format"] == "png"
@@ -140,7 +141,7 @@ def test_signed_zero_map_is_mid_gray_with_max_abs_zero() -> None:
     assert pixels.shape == (6, 8)
     assert (pixels == 128).all()
     entry = map_data("array", zeros, None, signed=True)
-    assert entry == {"max_abs": 0.0, "data": [[0.0] * 4] * 3}
+    assert entry == {"empty": True, "max_abs": 0.0, "data": [[0.0] * 4] * 3}
 
 
 def test_signed_png_levels() -> None:
@@ -165,7 +166,7 @@ def test_signed_png_scale_comes_from_the_native_map() -> None:
 def test_signed_array_is_divided_by_max_abs() -> None:
     native = torch.tensor([[-3.0, 1.5], [0.0, 0.75]])
     entry = map_data("array", native, None, signed=True)
-    assert entry == {"max_abs": 3.0, "data": [[-1.0, 0.5], [0.0, 0.25]]}
+    assert entry == {"empty": False, "max_abs": 3.0, "data": [[-1.0, 0.5], [0.0, 0.25]]}
     small = torch.tensor([[1e-3, -3e-9]])
     entry = map_data("array", small, None, signed=True)
     assert entry["max_abs"] == pytest.approx(1e-3, rel=1e-6)  # float32 input, rounded to 8 decimals
@@ -176,9 +177,9 @@ def test_signed_array_is_divided_by_max_abs() -> None:
 def test_unsigned_maps_are_unchanged() -> None:
     native = torch.tensor([[0.0, 0.25], [0.5, 1.0]])
     entry = map_data("array", native, None, signed=False)
-    assert entry == {"data": [[0.0, 0.25], [0.5, 1.0]]}
+    assert entry == {"empty": False, "data": [[0.0, 0.25], [0.5, 1.0]]}
     entry = map_data("png", native, native, signed=False)
-    assert set(entry) == {"data"}
+    assert set(entry) == {"empty", "data"}
     assert entry["data"] == png_base64(native)
 
 
