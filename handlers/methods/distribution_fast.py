@@ -11,10 +11,10 @@ class FastDistribution(Method):
     """Fast attribution distributions: the competition decided at the layer, one explanation of the target.
 
     ``M_t = softmax_k(T·|G_k|)[t] ⊙ 1[… − 1/K > τ]`` from the layer-level Grad-CAM maps ``G_k`` (closed form
-    decided at worker start; ``normalize`` as Grad-CAM's), then ONE base pass for the target class t masked by ``M_t``: LRP relevance at
-    the layer (:func:`handlers.explain.distribution.fast_lrp`) or input × gradient with the upsampled mask
-    (:func:`~handlers.explain.distribution.fast_input_x_gradient`). Idea from Walter et al.,
-    arXiv:2503.07346; its cost does not grow with K.
+    decided at worker start; ``normalize`` defaults to Grad-CAM's), then ONE base pass for the target class t
+    masked by ``M_t``: LRP relevance at the layer (:func:`handlers.explain.distribution.fast_lrp`) or input ×
+    gradient with the upsampled mask (:func:`~handlers.explain.distribution.fast_input_x_gradient`). Idea from
+    Walter et al., arXiv:2503.07346; its cost does not grow with K.
     """
 
     name = "distribution_fast"
