@@ -20,7 +20,7 @@ from .contract import ContractError, Endpoint, Explanation, Inputs, Method, Need
 from .engines import Capabilities, Engines, capabilities
 
 # Registration order is the order of the ``method`` option's values.
-from . import lafam, lrp, lrp_class, gradcam, distribution, distribution_fast  # noqa: F401  isort: skip
+from . import lafam, lrp, lrp_class, gradcam, input_x_gradient, distribution, distribution_fast  # noqa: F401  isort: skip
 
 __all__ = [
     "Capabilities",

@@ -61,7 +61,7 @@ BASES: dict[str, BaseAttribution] = {
             frozenset(),
             True,
             False,
-            None,
+            "input_x_gradient",
             lambda engines, _layer: engines.input_x_gradient,
         ),
         BaseAttribution(

@@ -156,7 +156,9 @@ def test_architectures_quick_run_explains_every_family_with_every_method(tmp_pat
     assert text.count(architectures.START_MARKER) == 1
     mine = text[text.index(architectures.START_MARKER) : text.index(architectures.END_MARKER)]
     columns = architectures.columns()
-    assert {c.method for c in columns} >= {"lafam", "lrp", "lrp_class", "gradcam", "distribution", "distribution_fast"}
+    assert {c.method for c in columns} >= {
+        "lafam", "lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast"
+    }  # fmt: skip
     for family in architectures.QUICK_FAMILIES:
         side, layer, forward, *cells = _cells(mine, family)
         assert side == str(architectures.QUICK_SIDE)

@@ -134,7 +134,9 @@ def test_an_option_error_is_the_servers_error_json_and_exit_2(
     assert body == served(service, images[0], top_k="100")
     status, body, _ = explain([str(exported), str(images[0]), "--method", "shap"], capsys)
     assert status == 2
-    assert body["error"]["valid"] == ["lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam"]
+    assert body["error"]["valid"] == [
+        "lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam"
+    ]  # fmt: skip
 
 
 def test_a_bad_or_missing_image_fails_alone(exported: Path, images: list[Path], tmp_path: Path, capsys) -> None:

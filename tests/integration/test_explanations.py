@@ -33,7 +33,7 @@ from tests.unit.test_metrics import sample
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LABELS = tuple((DEMO / "labels.txt").read_text().split())
-METHODS = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+METHODS = ("lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam")
 BACKWARD = METHODS[:-1]
 CLASS_METHODS = METHODS[1:-1]
 
@@ -198,15 +198,18 @@ def test_every_method_answers_with_the_documented_schema(served, scene_png: byte
     shown = 2 if method == "distribution" else 1
     assert [c["index"] for c in classes] == top[:shown]  # the explained classes are the top predictions
     for entry, prediction in zip(classes, predictions, strict=False):
-        assert set(entry) == {"index", "label", "probability", "data", "max_abs"}
+        assert set(entry) == {"index", "label", "probability", "empty", "data", "max_abs"}
+        assert entry["empty"] is (entry["max_abs"] == 0.0)
         assert entry["label"] == LABELS[entry["index"]] == prediction["label"]
         assert entry["probability"] == prediction["probability"]
         check_map(entry, fmt, [128, 128], native)
     default_layer = served[0].service.manifest.layer_names[0]
-    assert explanation["layer"] == (None if method == "lrp_class" else default_layer)  # input-level: no layer
+    input_level = method in ("lrp_class", "input_x_gradient")
+    assert explanation["layer"] == (None if input_level else default_layer)  # input-level: no layer
     if method in ("distribution", "distribution_fast"):
         assert explanation["base"] == ("gradcam" if method == "distribution" else "lrp")
         assert (explanation["temperature"], explanation["tau"]) == (10.0, 0.01)
+        assert explanation["normalize"] == "none"  # Grad-CAM's default (distribution_fast: Grad-CAM competes)
         least = predictions[-1]["index"]
         assert explanation["competitors"] == [*top[:2], least]  # top-2 + the least likely, which gets no map
         assert least not in [c["index"] for c in classes]
@@ -253,7 +256,9 @@ def test_unknown_method_lists_the_valid_ones(served, scene_png: bytes) -> None:
     status, body = explain_one(served, scene_png, method="shap")
     assert status == 400
     assert body["error"]["valid"] == list(METHODS)
-    assert "lrp, lrp_class, gradcam, distribution, distribution_fast, lafam" in body["error"]["message"]
+    assert (
+        "lrp, lrp_class, gradcam, input_x_gradient, distribution, distribution_fast, lafam" in body["error"]["message"]
+    )
 
 
 @pytest.mark.parametrize(

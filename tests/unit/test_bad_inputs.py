@@ -423,7 +423,7 @@ EXPLAIN_CASES = [
     ),
     *(
         Case(f"blank-image-{method}", {"body": bytearray(BLACK)}, {M: method}, 200, check=_finite_maps)
-        for method in ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast")
+        for method in ("lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast")
     ),
 ]
 

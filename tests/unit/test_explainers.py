@@ -32,6 +32,9 @@ class SkipNet(nn.Module):
         return self.fc(self.flatten(self.pool(x + self.conv2(x))))
 
 
+ALL_METHODS = ("lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam")
+
+
 def _manifest(layer: str) -> Manifest:
     return Manifest(
         name="skip",
@@ -61,9 +64,9 @@ def test_a_model_lrp_cannot_follow_keeps_the_lrp_methods_listed_with_the_reason(
     assert Need.LRP not in offered.met
     assert engines.lrp_error in offered.missing[Need.LRP]
     # listed (a request gets a 400 with the reason, see test_registry), but only LRP's methods cannot run
-    assert registry.served(offered) == ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+    assert registry.served(offered) == ALL_METHODS
     runnable = [m for m in registry.served(offered) if offered.why_not(registry.get(m).needs) is None]
-    assert runnable == ["gradcam", "distribution", "distribution_fast", "lafam"]
+    assert runnable == ["gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam"]
     assert offered.why_not(registry.get("distribution").requires("lrp")) == offered.missing[Need.LRP]
     assert offered.why_not(registry.get("distribution").requires("input_x_gradient")) is None
 
@@ -77,7 +80,7 @@ def test_a_chain_model_offers_every_method() -> None:
     offered = capabilities(engines.manifest, engines)
     assert engines.lrp is not None
     assert not offered.missing
-    assert registry.served(offered) == ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+    assert registry.served(offered) == ALL_METHODS
     assert all(offered.why_not(registry.get(m).needs) is None for m in registry.served(offered))
 
 

@@ -226,7 +226,7 @@ def test_empty_body_object_means_defaults() -> None:
 
 # backward-pass methods and their class options
 
-EXPLAIN_METHODS = ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+EXPLAIN_METHODS = ("lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam")
 WIDE = make_manifest(num_outputs=12)
 
 

@@ -139,7 +139,9 @@ def test_every_entry_is_well_formed(method: Method) -> None:
 
 
 def test_the_served_methods_and_their_order() -> None:
-    assert registry.served() == ("lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "lafam")
+    assert registry.served() == (
+        "lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam"
+    )  # fmt: skip
     assert registry.served(explain=False) == ("lafam",)
     assert registry.bases() == tuple(BASES) == ("gradcam", "input_x_gradient", "lrp")
 
@@ -153,6 +155,7 @@ def test_declarations() -> None:
     assert {m.name: m.default_classes for m in registry.methods() if Need.CLASSES in m.needs} == {
         "lrp_class": 1,
         "gradcam": 1,
+        "input_x_gradient": 1,
         "distribution": 2,
         "distribution_fast": 2,
     }
@@ -261,7 +264,8 @@ def test_options_follow_each_entry(tiny_export: Path, method: Method) -> None:
 def test_a_toy_method_appears_in_options_validation(toys: None, tiny_export: Path) -> None:
     manifest = Manifest.load(tiny_export)
     assert registry.served() == (
-        "lrp", "lrp_class", "gradcam", "distribution", "distribution_fast", "toy_saliency", "lafam", "toy_peak"
+        "lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "toy_saliency",
+        "lafam", "toy_peak",
     )  # fmt: skip
     with pytest.raises(InvalidOption, match=r"valid values: .*toy_saliency, lafam, toy_peak") as info:
         _parse(manifest, method="shap")
