@@ -35,7 +35,12 @@ def build_demo_archive(
     name: str = MODEL_NAME,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Export the demo CNN (``block3`` activations, eager model too) into ``<model_store>/<name>.mar``."""
+    """Export the demo CNN (``block3`` activations, eager model too) into ``<model_store>/<name>.mar``.
+
+    The graph takes any input size (``dynamic_size``): ShapesCNN is fully convolutional with global average
+    pooling, so a request may ask for ``resize=none`` and be run at its own size (the 128-pixel training scale
+    is the default, ``resize=model``).
+    """
     folders = export_model(
         "demo.model:shapes_cnn",
         out / "export" / name,
@@ -47,6 +52,7 @@ def build_demo_archive(
         std=demo_model.STD,
         name=name,
         eager=True,
+        dynamic_size=True,
         log=log,
     )
     return build_archive(folders[backend], model_store, name=name, log=log)

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also ship the eager model (state_dict + architecture) for backward-pass explanations on /explanations",
     )
+    export.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="the graph takes any input height and width (fully convolutional models with global pooling), so "
+        "requests may ask for resize=none or a maximum side; checked on the eager model and verified at a second, "
+        "non-square size; refused, naming what fails, for a model that cannot take it",
+    )
     export.add_argument("--archive", action="store_true", help="also build the .mar (first backend)")
     export.add_argument("--model-store", type=Path, default=Path("model_store"))
 
@@ -150,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name=args.name,
                 tolerance=args.tolerance,
                 eager=args.eager,
+                dynamic_size=args.dynamic_size,
                 log=print,
             )
             for backend, folder in folders.items():

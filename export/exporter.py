@@ -8,9 +8,11 @@ graph is left in place (for inspection) without a manifest and the error is rais
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import logging
+import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch import nn
 
 from export.models import ActivationModel, check_input_size, find_default_layer, resolve_model
 from export.onnx import export_onnx
 from export.torchscript import export_torchscript
-from export.verify import DEFAULT_TOLERANCE, VerificationError, verify_report
+from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify_report
 from handlers.eager import build_architecture, head_path, load_eager
 from handlers.manifest import (
     BACKENDS,
@@ -68,6 +71,7 @@ def export_model(
     tolerance: float | None = None,
     opset: int | None = None,
     eager: bool = False,
+    dynamic_size: bool = False,
     log: Callable[[str], None] = logger.info,
 ) -> dict[str, Path]:
     """Export a model to verified graphs, one folder per backend.
@@ -99,13 +103,22 @@ def export_model(
             state_dict (``eager.pt``) and, for a ``package.module:factory`` spec, the Python files of the
             factory's top-level package (``eager_code/``); the rebuilt model is checked to give the same
             output as the exported one's source.
+        dynamic_size: the graph takes any input height and width (``lafam-serve export --dynamic-size``), for
+            fully convolutional models with global pooling: served with the ``resize`` option ``none`` or N,
+            an image is run at (about) its own size. The eager model is first run at a second, non-square size
+            (:func:`second_size`) and must give outputs of the same shape; the graph is then verified against
+            eager at both sizes. The manifest records ``dynamic_size`` and ``min_side``: the model's total
+            stride (input side / the explained layer's side), raised to the smallest side the eager model runs
+            at. Without it (the default) the graph is served at ``input_size`` only.
         log: receives progress lines (``print`` works).
 
     Returns:
         The folder written for each backend, by backend name.
 
     Raises:
-        ExportError: for invalid arguments (backends, labels, name, input size, outputs of the model).
+        ExportError: for invalid arguments (backends, labels, name, input size, outputs of the model), or
+            ``dynamic_size`` for a model that cannot take another input size (the message names the module
+            that fails, or the output whose shape changes).
         ModelSpecError: when the model, its weights or a layer cannot be resolved.
         VerificationError: when an exported graph does not match the eager model.
     """
@@ -146,6 +159,7 @@ def export_model(
             f"labels: {len(label_list)} labels for {num_outputs} model outputs; give exactly one label per class "
             f"(one per line in a labels file, blank lines ignored) or pass num_classes={len(label_list)}"
         )
+    min_side, sizes = _check_dynamic_size(reference, spec, size, layer_specs, log) if dynamic_size else (None, (size,))
 
     # Built before any graph is written so that bad mean/std/sizes fail fast, with the manifest's messages.
     draft = Manifest(
@@ -160,6 +174,8 @@ def export_model(
         layers=layer_specs,
         num_outputs=num_outputs,
         labels=label_list,
+        dynamic_size=dynamic_size,
+        min_side=min_side,
         source={
             "spec": spec,
             "weights_sha256": sha256_file(weights) if weights is not None else None,
@@ -181,9 +197,126 @@ def export_model(
         )
     out = Path(out_dir)
     return {
-        backend: _export_backend(reference, draft, backend, out / backend, tolerance=tolerance, opset=opset, log=log)
+        backend: _export_backend(
+            reference, draft, backend, out / backend, tolerance=tolerance, opset=opset, sizes=sizes, log=log
+        )
         for backend in chosen
     }
+
+
+def second_size(input_size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The second size a ``--dynamic-size`` export is checked at: clearly different from ``input_size``.
+
+    Shorter by a quarter and wider by a quarter (non-square even for a square ``input_size``, so a height/width
+    mix-up shows), plus one pixel so that neither side is a multiple of the model's stride, as a posted
+    image's side rarely is; never under ``min_side``.
+    """
+    height, width = input_size
+    return max(min_side, 3 * height // 4) + 1, max(min_side, 5 * width // 4) + 1
+
+
+class _ForwardFailed(Exception):
+    """The eager model failed at a size; ``where`` names the innermost module that was running."""
+
+    def __init__(self, where: str, error: Exception) -> None:
+        super().__init__(f"{where} fails: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
+
+
+def _run_at(reference: ActivationModel, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Run the eager model on one blank image of ``size``; on failure name the module that raised.
+
+    Hooks on the reference's own copy of the model keep the stack of modules running; they are removed after.
+    """
+    running: list[str] = []
+
+    def enter(name: str, module: nn.Module, args: object) -> None:
+        running.append(name)
+
+    def leave(module: nn.Module, args: object, output: object) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in reference.model.named_modules():
+        handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            return reference(torch.zeros(1, 3, *size))
+    except Exception as exc:
+        name = running[-1] if running else ""
+        module = reference.model.get_submodule(name)
+        where = f"module {name!r} ({type(module).__name__})" if name else f"{type(module).__name__}.forward"
+        raise _ForwardFailed(where, exc) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_dynamic_size(
+    reference: ActivationModel,
+    spec: str,
+    size: tuple[int, int],
+    layer_specs: Sequence[LayerSpec],
+    log: Callable[[str], None],
+) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Check that the eager model takes another input size.
+
+    Returns:
+        The smallest side it is served at, and the sizes to verify the graph at: ``size`` and a second one.
+
+    Raises:
+        ExportError: the model fails at :func:`second_size`, or an output changes shape (the main output at
+            all, an activation in anything but its height and width); the message names what fails.
+    """
+    stride = max(
+        1, *(max(math.ceil(size[0] / h), math.ceil(size[1] / w)) for _, h, w in (s.shape for s in layer_specs))
+    )
+    other = second_size(size, stride)
+    what = f"--dynamic-size: {spec!r} cannot take another input size than {size[0]}x{size[1]}"
+    fix = f"; export it without --dynamic-size (every image is then resized to {size[0]}x{size[1]})"
+    with torch.no_grad():
+        expected = reference(torch.zeros(1, 3, *size))
+    try:
+        outputs = _run_at(reference, other)
+    except _ForwardFailed as exc:
+        raise ExportError(
+            f"{what}: at {other[0]}x{other[1]} its {exc} (a fully convolutional model with global pooling before "
+            f"its head takes any size; a head that flattens a fixed-size map, or fixed position embeddings, do not)"
+            f"{fix}"
+        ) from exc
+    changed = _changed_output(expected, outputs, layer_specs)
+    if changed is not None:
+        raise ExportError(
+            f"{what}: {changed} at {other[0]}x{other[1]} (its output depends on the input size: is there no "
+            f"global pooling before the head?){fix}"
+        )
+    smallest = stride
+    while smallest < min(size):
+        try:
+            if _changed_output(expected, _run_at(reference, (smallest, smallest)), layer_specs) is None:
+                break
+        except _ForwardFailed as exc:
+            log(f"dynamic size: at {smallest}x{smallest} its {exc}; trying a larger minimum side")
+        smallest *= 2
+    smallest = min(smallest, *size)
+    log(
+        f"dynamic size: {spec} runs at {other[0]}x{other[1]} as at {size[0]}x{size[1]}; minimum side {smallest} "
+        f"(total stride {stride})"
+    )
+    return smallest, (size, other)
+
+
+def _changed_output(
+    expected: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], layer_specs: Sequence[LayerSpec]
+) -> str | None:
+    """How an output's shape at another input size differs from ``expected``'s, or ``None`` where none does."""
+    main, *activations = outputs
+    if main.shape != expected[0].shape:
+        return f"its output has shape {tuple(main.shape)} instead of {tuple(expected[0].shape)}"
+    for spec, activation, reference in zip(layer_specs, activations, expected[1:], strict=True):
+        if activation.dim() != 4 or activation.shape[:2] != reference.shape[:2]:
+            return f"layer {spec.name!r} gives {tuple(activation.shape)} instead of (1, {spec.shape[0]}, h, w)"
+    return None
 
 
 def _dropped_head(spec: str, num_classes: int | None) -> str | None:
@@ -245,8 +378,10 @@ def _export_backend(
     *,
     tolerance: float,
     opset: int | None,
+    sizes: tuple[tuple[int, int], ...],
     log: Callable[[str], None],
 ) -> Path:
+    """Write, verify (at every size in ``sizes``) and describe one backend's graph in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.exists():
@@ -265,7 +400,16 @@ def _export_backend(
 
     def write_graph(freeze: bool) -> Manifest:
         if backend == "onnx":
-            info = export_onnx(reference, graph_path, input_size, names, opset=opset, log=log)
+            info = export_onnx(
+                reference,
+                graph_path,
+                input_size,
+                names,
+                opset=opset,
+                dynamic_size=draft.dynamic_size,
+                min_side=draft.min_side or 1,
+                log=log,
+            )
         else:
             info = export_torchscript(reference, graph_path, input_size, freeze=freeze, log=log)
         checksums = {graph_path.name: sha256_file(graph_path), **eager_checksums}
@@ -276,15 +420,29 @@ def _export_backend(
             draft, backend=backend, model_file=graph_path.name, checksums=checksums, source=source
         )
 
+    def verify(manifest: Manifest) -> VerificationReport:
+        return verify_report(
+            reference, folder, manifest, batch_sizes=VERIFY_BATCH_SIZES, tolerance=tolerance, input_sizes=sizes
+        )
+
     manifest = write_graph(freeze=True)
     try:
-        report = verify_report(reference, folder, manifest, batch_sizes=VERIFY_BATCH_SIZES, tolerance=tolerance)
+        try:
+            report = verify(manifest)
+        except VerificationError as exc:
+            if not manifest.source.get("frozen"):
+                raise
+            log(f"{backend}: the frozen TorchScript graph failed verification ({exc}); exporting it unfrozen")
+            manifest = write_graph(freeze=False)
+            report = verify(manifest)
     except VerificationError as exc:
-        if not manifest.source.get("frozen"):
+        if len(sizes) == 1:
             raise
-        log(f"{backend}: the frozen TorchScript graph failed verification ({exc}); exporting it unfrozen")
-        manifest = write_graph(freeze=False)
-        report = verify_report(reference, folder, manifest, batch_sizes=VERIFY_BATCH_SIZES, tolerance=tolerance)
+        shown = " and ".join(f"{h}x{w}" for h, w in sizes)
+        raise VerificationError(
+            f"{exc}. --dynamic-size verifies the graph at {shown}: a graph ({backend}) that keeps the example's "
+            f"size cannot be served at others; export without --dynamic-size"
+        ) from exc
     manifest = dataclasses.replace(manifest, verification=report.to_dict())
     manifest.dump(manifest_path)
     worst = ", ".join(f"{name} {diff:.2g}" for name, diff in report.max_abs_diff.items())

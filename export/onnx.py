@@ -1,7 +1,8 @@
 """Export an :class:`~export.models.ActivationModel` to one self-contained ONNX file.
 
-The graph has one input, ``input`` ``(N, 3, H, W)`` with a dynamic batch dimension ``N``, and the outputs
-named by the caller in the model's order (main output, then one activation per layer). The
+The graph has one input, ``input`` ``(N, 3, H, W)`` with a dynamic batch dimension ``N`` (and, with
+``dynamic_size``, dynamic ``H`` and ``W``), and the outputs named by the caller in the model's order (main
+output, then one activation per layer, whose height and width then follow the input's). The
 ``torch.export``-based exporter (``dynamo=True``) is tried first; if it fails for a model, the legacy
 TorchScript-based exporter (``dynamo=False``) is used and the result records which one wrote the file.
 """
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 Exporter = Literal["auto", "dynamo", "legacy"]
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "legacy")
 BATCH_DIM = "batch"
+HEIGHT_DIM = "height"
+WIDTH_DIM = "width"
 
 
 class OnnxExportError(RuntimeError):
@@ -40,6 +43,8 @@ def export_onnx(
     opset: int | None = None,
     *,
     exporter: Exporter = "auto",
+    dynamic_size: bool = False,
+    min_side: int = 1,
     log: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
     """Write ``model`` as an ONNX graph with a dynamic batch dimension and check the file.
@@ -51,6 +56,9 @@ def export_onnx(
         output_names: one name per model output, in order (main output first).
         opset: ONNX opset; ``None`` uses the exporter's default.
         exporter: ``auto`` (``dynamo``, falling back to ``legacy`` when it fails), ``dynamo`` or ``legacy``.
+        dynamic_size: also make the input's height and width (dims 2 and 3) dynamic, from ``min_side`` up;
+            the caller verifies the graph at a second size (a graph may still compute with the example's size).
+        min_side: the smallest height and width declared to the ``dynamo`` exporter.
         log: receives progress lines and exporter warnings.
 
     Returns:
@@ -74,30 +82,48 @@ def export_onnx(
     example = torch.randn(2, 3, *input_size, generator=generator)
     info: dict[str, Any] = {}
     used = "legacy"
+    sized = " with a dynamic height and width (--dynamic-size)" if dynamic_size else ""
     if exporter in ("auto", "dynamo"):
         try:
-            _run_logged(lambda: _export_dynamo(model, example, path, output_names, opset), log)
+            _run_logged(
+                lambda: _export_dynamo(
+                    model, example, path, output_names, opset, dynamic_size=dynamic_size, min_side=min_side
+                ),
+                log,
+            )
             used = "dynamo"
         except Exception as exc:
             if exporter == "dynamo":
-                raise OnnxExportError(f"the dynamo ONNX exporter failed: {exc}") from exc
+                raise OnnxExportError(f"the dynamo ONNX exporter failed{sized}: {exc}") from exc
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             log(f"dynamo ONNX exporter failed ({reason}); falling back to the legacy exporter (dynamo=False)")
             info["fallback_reason"] = reason
     if used == "legacy":
         try:
-            _run_logged(lambda: _export_legacy(model, example, path, output_names, opset), log)
+            _run_logged(
+                lambda: _export_legacy(model, example, path, output_names, opset, dynamic_size=dynamic_size), log
+            )
         except Exception as exc:
-            raise OnnxExportError(f"the legacy ONNX exporter failed: {exc}") from exc
+            raise OnnxExportError(f"the legacy ONNX exporter failed{sized}: {exc}") from exc
     info["exporter"] = used
-    info["opset"] = _check_graph(path, output_names)
+    info["opset"] = _check_graph(path, output_names, dynamic_size)
     return info
 
 
 def _export_dynamo(
-    model: ActivationModel, example: torch.Tensor, path: Path, output_names: Sequence[str], opset: int | None
+    model: ActivationModel,
+    example: torch.Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    opset: int | None,
+    *,
+    dynamic_size: bool = False,
+    min_side: int = 1,
 ) -> None:
-    batch = torch.export.Dim(BATCH_DIM, min=1)
+    dims: dict[int, Any] = {0: torch.export.Dim(BATCH_DIM, min=1)}
+    if dynamic_size:
+        dims[2] = torch.export.Dim(HEIGHT_DIM, min=min_side)
+        dims[3] = torch.export.Dim(WIDTH_DIM, min=min_side)
     torch.onnx.export(
         model,
         (example,),
@@ -105,7 +131,7 @@ def _export_dynamo(
         dynamo=True,
         input_names=[INPUT_NAME],
         output_names=list(output_names),
-        dynamic_shapes=({0: batch},),
+        dynamic_shapes=(dims,),
         opset_version=opset,
         external_data=False,
         verbose=False,
@@ -113,9 +139,19 @@ def _export_dynamo(
 
 
 def _export_legacy(
-    model: ActivationModel, example: torch.Tensor, path: Path, output_names: Sequence[str], opset: int | None
+    model: ActivationModel,
+    example: torch.Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    opset: int | None,
+    *,
+    dynamic_size: bool = False,
 ) -> None:
-    dynamic_axes = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *output_names)}
+    dynamic_axes: dict[str, dict[int, str]] = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *output_names)}
+    if dynamic_size:  # the input's height and width, and every activation's (the main output is (N, K))
+        dynamic_axes[INPUT_NAME].update({2: HEIGHT_DIM, 3: WIDTH_DIM})
+        for name in output_names[1:]:
+            dynamic_axes[name].update({2: f"{name}_{HEIGHT_DIM}", 3: f"{name}_{WIDTH_DIM}"})
     with torch.no_grad():
         torch.onnx.export(
             model,
@@ -139,8 +175,8 @@ def _run_logged(action: Callable[[], None], log: Callable[[str], None]) -> None:
         log(f"exporter warning: {message}")
 
 
-def _check_graph(path: Path, output_names: Sequence[str]) -> int:
-    """Check the written file and return its default-domain opset."""
+def _check_graph(path: Path, output_names: Sequence[str], dynamic_size: bool = False) -> int:
+    """Check the written file (and, with ``dynamic_size``, its dynamic height and width); return its opset."""
     graph_model = onnx.load(str(path), load_external_data=False)
     external = [t.name for t in graph_model.graph.initializer if uses_external_data(t)]
     if external:
@@ -152,7 +188,13 @@ def _check_graph(path: Path, output_names: Sequence[str]) -> int:
         raise OnnxExportError(f"{path} has inputs {inputs}, expected [{INPUT_NAME!r}]")
     if outputs != list(output_names):
         raise OnnxExportError(f"{path} has outputs {outputs}, expected {list(output_names)}")
-    batch_dim = graph_model.graph.input[0].type.tensor_type.shape.dim[0]
-    if not batch_dim.dim_param:
-        raise OnnxExportError(f"{path} has a fixed batch size {batch_dim.dim_value}; the batch must be dynamic")
+    dims = graph_model.graph.input[0].type.tensor_type.shape.dim
+    if not dims[0].dim_param:
+        raise OnnxExportError(f"{path} has a fixed batch size {dims[0].dim_value}; the batch must be dynamic")
+    fixed = [f"{side} {dims[i].dim_value}" for i, side in ((2, "height"), (3, "width")) if not dims[i].dim_param]
+    if dynamic_size and fixed:
+        raise OnnxExportError(
+            f"{path} has a fixed input {' and '.join(fixed)} although --dynamic-size asked for dynamic ones: the "
+            f"model's forward fixes its input size; export without --dynamic-size"
+        )
     return next(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx"))

@@ -1,7 +1,9 @@
 """Export an :class:`~export.models.ActivationModel` to TorchScript with ``torch.jit.trace``.
 
 Tracing records the operations run on one example batch. The example has 2 images so that a batch size
-baked into the graph by mistake shows up when verification runs batches of 1 and 3.
+baked into the graph by mistake shows up when verification runs batches of 1 and 3. Likewise a model whose
+forward turns the input's height or width into a Python number bakes the example's size into the trace;
+for ``export --dynamic-size`` verification also runs a second, non-square size, which shows it.
 """
 
 from __future__ import annotations

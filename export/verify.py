@@ -57,6 +57,7 @@ class VerificationReport:
         tolerance: the tolerance of the rule.
         batch_sizes: the batch sizes run.
         seed: seed of the random inputs.
+        input_sizes: the ``(H, W)`` input sizes run (each at every batch size).
     """
 
     backend: str
@@ -65,6 +66,7 @@ class VerificationReport:
     tolerance: float
     batch_sizes: tuple[int, ...]
     seed: int
+    input_sizes: tuple[tuple[int, int], ...] = ()
 
     def allowed(self, name: str) -> float:
         """Return the largest difference the rule accepts for output ``name``."""
@@ -78,6 +80,7 @@ class VerificationReport:
             "tolerance": self.tolerance,
             "rule": TOLERANCE_RULE,
             "batch_sizes": list(self.batch_sizes),
+            "input_sizes": [list(size) for size in self.input_sizes],
             "seed": self.seed,
             "device": "cpu",
         }
@@ -91,18 +94,21 @@ def verify_report(
     batch_sizes: Sequence[int] = (1, 3),
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> VerificationReport:
     """Compare the graph in ``folder`` with the eager ``reference`` on seeded random inputs.
 
     The graph is loaded with :func:`handlers.backends.load_backend` on the CPU, the code that serves it.
-    Inputs are standard normal noise of shape ``(n, 3, H, W)`` for each ``n`` in ``batch_sizes``, drawn
-    from a generator seeded with ``seed``.
+    Inputs are standard normal noise of shape ``(n, 3, H, W)`` for each ``(H, W)`` in ``input_sizes`` and
+    each ``n`` in ``batch_sizes``, drawn from a generator seeded with ``seed``.
 
     Args:
         reference: the eager model the graph was exported from.
         folder: the folder holding the graph file named by ``manifest.model_file``.
         manifest: the manifest describing the graph (it need not be written to disk yet).
         batch_sizes: batch sizes to run; more than one checks the dynamic batch dimension.
+        input_sizes: input sizes to run; ``None`` runs ``manifest.input_size`` only. More than one checks
+            dynamic height and width (``export --dynamic-size``).
         tolerance: see the module docstring for the rule.
         seed: seed of the random inputs.
 
@@ -111,10 +117,14 @@ def verify_report(
 
     Raises:
         ValueError: for an empty ``batch_sizes`` or a non-positive ``tolerance``.
-        VerificationError: when an output is missing, has the wrong shape, or differs beyond the tolerance.
+        VerificationError: when the graph fails to run, or an output is missing, has the wrong shape, or
+            differs beyond the tolerance.
     """
     if not batch_sizes or any(n < 1 for n in batch_sizes):
         raise ValueError(f"batch_sizes={tuple(batch_sizes)!r} must list positive batch sizes, e.g. (1, 3)")
+    sizes = [tuple(manifest.input_size)] if input_sizes is None else [tuple(size) for size in input_sizes]
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise ValueError(f"input_sizes={input_sizes!r} must list (H, W) sizes with positive sides")
     if not tolerance > 0:
         raise ValueError(f"tolerance={tolerance!r} must be positive, e.g. {DEFAULT_TOLERANCE}")
     names = output_names(manifest)
@@ -128,34 +138,45 @@ def verify_report(
     generator = torch.Generator().manual_seed(seed)
     differences = dict.fromkeys(names, 0.0)
     scales = dict.fromkeys(names, 0.0)
+    worst_at: dict[str, str] = {}
     reference.eval()
-    for batch_size in batch_sizes:
-        batch = torch.randn(batch_size, 3, *manifest.input_size, generator=generator)
-        with torch.no_grad():
-            expected_outputs = reference(batch)
-        actual_outputs = backend.run(batch)
-        for name, expected in zip(names, expected_outputs, strict=True):
-            actual = actual_outputs.get(name)
-            if actual is None:
-                raise VerificationError(f"{where}: output {name!r} is missing (got {sorted(actual_outputs)})")
-            actual = actual.detach().to("cpu", torch.float32)
-            if actual.shape != expected.shape:
-                raise VerificationError(
-                    f"{where}: output {name!r} has shape {tuple(actual.shape)} at batch {batch_size}, "
-                    f"expected {tuple(expected.shape)}"
-                )
-            differences[name] = max(differences[name], _max_difference(expected, actual))
-            scales[name] = max(scales[name], float(expected.abs().max()) if expected.numel() else 0.0)
+    for height, width in sizes:
+        at = f"{height}x{width}"
+        for batch_size in batch_sizes:
+            batch = torch.randn(batch_size, 3, height, width, generator=generator)
+            with torch.no_grad():
+                expected_outputs = reference(batch)
+            try:
+                actual_outputs = backend.run(batch)
+            except Exception as exc:
+                raise VerificationError(f"{where}: running batch {batch_size} at {at} failed: {exc}") from exc
+            for name, expected in zip(names, expected_outputs, strict=True):
+                actual = actual_outputs.get(name)
+                if actual is None:
+                    raise VerificationError(f"{where}: output {name!r} is missing (got {sorted(actual_outputs)})")
+                actual = actual.detach().to("cpu", torch.float32)
+                if actual.shape != expected.shape:
+                    raise VerificationError(
+                        f"{where}: output {name!r} has shape {tuple(actual.shape)} at batch {batch_size}, "
+                        f"input {at}, expected {tuple(expected.shape)}"
+                    )
+                difference = _max_difference(expected, actual)
+                if difference > differences[name] or name not in worst_at:
+                    worst_at[name] = at
+                differences[name] = max(differences[name], difference)
+                scales[name] = max(scales[name], float(expected.abs().max()) if expected.numel() else 0.0)
+    located = len(sizes) > 1
     failures = [
-        f"{name}: max|diff| {differences[name]:.3g} > allowed {allowed_difference(scales[name], tolerance):.3g} "
-        f"(max|eager| {scales[name]:.3g})"
+        f"{name}: max|diff| {differences[name]:.3g}{f' (at {worst_at[name]})' if located else ''} > allowed "
+        f"{allowed_difference(scales[name], tolerance):.3g} (max|eager| {scales[name]:.3g})"
         for name in names
         if not differences[name] <= allowed_difference(scales[name], tolerance)
     ]
     if failures:
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes)
         raise VerificationError(
             f"{where} does not match the eager model (tolerance {tolerance:g}, rule {TOLERANCE_RULE}; batch "
-            f"sizes {tuple(batch_sizes)}, seed {seed}): " + "; ".join(failures)
+            f"sizes {tuple(batch_sizes)}, input sizes {shown}, seed {seed}): " + "; ".join(failures)
         )
     return VerificationReport(
         backend=manifest.backend,
@@ -164,4 +185,5 @@ def verify_report(
         tolerance=tolerance,
         batch_sizes=tuple(batch_sizes),
         seed=seed,
+        input_sizes=tuple((int(h), int(w)) for h, w in sizes),
     )

@@ -68,6 +68,7 @@ class Defaults:
     format: str = "png"
     upsample: str = "nearest"
     size: str = "input"
+    resize: str | int = "model"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class Manifest:
         verification: max |eager - exported| per output and the tolerance it was held to.
         source: provenance (model spec, weights checksum, torch version, opset).
         eager: the eager model shipped for backward-pass explanations, or ``None``.
+        dynamic_size: the graph takes any input height and width (``export --dynamic-size``, verified against
+            eager at ``input_size`` and at another, non-square size); ``False`` (older manifests too): only
+            ``input_size``, every image is resized to it.
+        min_side: the smallest input side a dynamic graph is served at (its total stride, or larger where the
+            model needs it); ``None`` where not recorded.
         schema_version: manifest format version.
     """
 
@@ -132,6 +138,8 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     eager: EagerSpec | None = None
+    dynamic_size: bool = False
+    min_side: int | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -156,6 +164,10 @@ class Manifest:
             problems.append("labels (an embedding model has no labels)")
         if not _is_positive_int(self.max_pixels):
             problems.append(f"max_pixels {self.max_pixels!r} (need a positive integer)")
+        if not isinstance(self.dynamic_size, bool):
+            problems.append(f"dynamic_size {self.dynamic_size!r} (need true or false)")
+        if self.min_side is not None and not _is_positive_int(self.min_side):
+            problems.append(f"min_side {self.min_side!r} (need a positive integer or null)")
         if not isinstance(self.checksums, dict):
             problems.append(f"checksums {self.checksums!r} (need an object {{file name: sha256}})")
         if problems:

@@ -19,6 +19,7 @@ from .manifest import Manifest
 from .methods import registry
 from .methods.contract import Method
 from .methods.engines import Capabilities
+from .sizing import parse_resize
 
 HEADER_PREFIX = "x-lafam-"
 FORMATS: tuple[str, ...] = ("png", "array", "none")
@@ -41,7 +42,10 @@ class RequestOptions:
         top_k: number of predictions returned (classification models).
         format: ``png`` (8-bit grayscale, base64), ``array`` (floats at the layer's native size) or ``none``.
         upsample: ``nearest`` (as in the LaFAM paper) or ``bilinear``.
-        size: ``input`` (model input size), ``original`` (the posted image's size) or ``(H, W)``.
+        size: ``input`` (the size the model saw), ``original`` (the posted image's size) or ``(H, W)``.
+        resize: the size the image is run at: ``model`` (the manifest's input size), ``none`` (its own size)
+            or an integer N (scaled down so that its longer side is at most N, never up); ``none`` and N need
+            a model exported with --dynamic-size.
         classes: classes to explain, in order (class methods); ``None`` picks them by probability.
         top_classes: how many of the most likely classes to explain when ``classes`` is ``None``.
         least_likely: distributions add each image's least likely class to the competitors.
@@ -58,6 +62,7 @@ class RequestOptions:
     format: str
     upsample: str
     size: str | tuple[int, int]
+    resize: str | int = "model"
     classes: tuple[int, ...] | None = None
     top_classes: int = 1
     least_likely: bool = True
@@ -254,6 +259,7 @@ def parse_options(
         format=_choice("format", raw.get("format", defaults.format), FORMATS),
         upsample=_choice("upsample", raw.get("upsample", defaults.upsample), UPSAMPLE_MODES),
         size=_size(raw.get("size", defaults.size)),
+        resize=parse_resize(raw.get("resize", defaults.resize), manifest),
     )
     # Class options are validated whatever the method (a malformed one is a 400 even where it is unused).
     base = _base(raw, method, manifest.name, registry.bases() if bases is None else bases, capabilities)

@@ -2,8 +2,9 @@
 
 Plain Python and torch (no TorchServe import), so it is tested directly; ``handlers.handler`` adapts it
 to TorchServe's ``handle(data, context)``. A request that fails (bad bytes, bad option) is answered
-alone with its error; the others of the batch are still run together. Nothing is kept between calls
-but the model and its configuration.
+alone with its error; the others of the batch are still run together, one forward pass per input size
+(a dynamic-size model served with ``resize`` ``none`` or N sees images of several sizes in one batch).
+Nothing is kept between calls but the model and its configuration.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .eager import load_eager
 from .encode import encode_explanation, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
 from .explain.lafam import resize_maps
-from .images import DecodedImage, decode
+from .images import DecodedImage, open_image, to_tensor
 from .manifest import Defaults, Manifest
 from .methods import (
     ContractError,
@@ -42,6 +43,7 @@ from .methods import (
     registry,
 )
 from .options import MAX_MAP_SIDE, RequestOptions, parse_options
+from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
 IMAGE_TYPES = ("image/", "application/octet-stream")
 PREDICT_HINT = " (backward-pass methods are served on POST /explanations/{model})"
-SERVICE_KEYS = ("max_pixels", "max_classes", "eager", "drift")
+SERVICE_KEYS = ("max_pixels", "max_input_pixels", "max_classes", "eager", "drift")
 """Keys of the model config's ``lafam`` section besides the option defaults."""
 
 
@@ -169,6 +171,7 @@ class LafamService:
             then serves the forward methods only).
         max_classes: the largest K of methods whose cost grows with K.
         drift: record the drift statistics of every served map (:mod:`handlers.drift`).
+        max_input_pixels: the largest input (H x W) a dynamic-size model runs at (``resize`` ``none`` or N).
     """
 
     def __init__(
@@ -179,12 +182,14 @@ class LafamService:
         max_classes: int = 10,
         *,
         drift: bool = True,
+        max_input_pixels: int = MAX_INPUT_PIXELS,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
         self.engines = engines
         self.max_classes = max_classes
         self.drift = drift
+        self.max_input_pixels = max_input_pixels
         self._labels = {"model": manifest.name}
         self.capabilities = capabilities(manifest, engines)
         self.predict_methods = registry.served(self.capabilities, explain=False)
@@ -202,8 +207,9 @@ class LafamService:
         Args:
             folder: folder holding ``lafam.json`` and the graph (TorchServe's ``model_dir``).
             device: ``cpu`` or the ``cuda:<gpu_id>`` TorchServe assigned.
-            config: the ``lafam`` section of the archive's model-config YAML: ``max_pixels`` and any
-                option default (``top_k``, ``format``, ``upsample``, ``size``).
+            config: the ``lafam`` section of the archive's model-config YAML: ``max_pixels``,
+                ``max_input_pixels``, ``max_classes``, ``eager``, ``drift`` and any option default (``top_k``,
+                ``format``, ``upsample``, ``size``, ``resize``).
         """
         manifest = Manifest.load(folder)
         config = dict(config or {})
@@ -214,10 +220,10 @@ class LafamService:
                 f"{', '.join(SERVICE_KEYS)}, {', '.join(Defaults.__dataclass_fields__)}"
             )
         max_classes = config.pop("max_classes", 10)
-        if isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 1:
-            raise ValueError(
-                f"max_classes in the model config's 'lafam' section must be a positive int: {max_classes!r}"
-            )
+        max_input_pixels = config.pop("max_input_pixels", MAX_INPUT_PIXELS)
+        for key, value in (("max_classes", max_classes), ("max_input_pixels", max_input_pixels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} in the model config's 'lafam' section must be a positive int: {value!r}")
         engines = None
         if manifest.eager is not None and config.pop("eager", True) is not False:
             engines = Engines(load_eager(manifest.eager, folder, device), manifest)
@@ -234,7 +240,8 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        service = cls(manifest, load_backend(manifest, folder, device), engines, max_classes, drift=drift)
+        backend = load_backend(manifest, folder, device)
+        service = cls(manifest, backend, engines, max_classes, drift=drift, max_input_pixels=max_input_pixels)
         service.warm_up()
         return service
 
@@ -287,12 +294,35 @@ class LafamService:
                 capabilities=self.capabilities,
             )
             m = self.manifest
-            image = decode(data, m.input_size, m.mean, m.std, m.max_pixels)
+            picture = open_image(data, m.max_pixels)
+            original = (picture.height, picture.width)
+            size = input_size(options.resize, original, m, self.max_input_pixels)
+            image = DecodedImage(tensor=to_tensor(picture, size, m.mean, m.std), original_size=original)
         return _Prepared(index=index, image=image, options=options)
 
     def _run(self, prepared: list[_Prepared]) -> list[Reply]:
+        """Answer the prepared requests: one forward pass per input size (images of one size share a batch).
+
+        With ``resize`` ``none`` or N on a dynamic-size model, a batch may hold several sizes; they are never
+        stacked into one tensor. A failure of one size's pass fails only that size's requests.
+        """
+        groups: dict[tuple[int, ...], list[_Prepared]] = {}
+        for item in prepared:
+            groups.setdefault(tuple(item.image.tensor.shape), []).append(item)
+        replies: dict[int, Reply] = {}
+        for group in groups.values():
+            try:
+                answered = self._run_group(group)
+            except Exception as exc:  # noqa: BLE001 - answered as 500 each, the other sizes are still run
+                answered = [self._failure(exc) for _ in group]
+            replies.update((item.index, reply) for item, reply in zip(group, answered, strict=True))
+        return [replies[item.index] for item in prepared]
+
+    def _run_group(self, prepared: list[_Prepared]) -> list[Reply]:
+        """Run one batch of images of the same size and answer each of them."""
         manifest = self.manifest
         batch = torch.stack([item.image.tensor for item in prepared])
+        seen = (int(batch.shape[-2]), int(batch.shape[-1]))
         with metrics.timed(metrics.INFERENCE_SECONDS, backend=self.backend.name, **self._labels):
             outputs = self.backend.run(batch)
         main = outputs[manifest.main_output]
@@ -302,7 +332,7 @@ class LafamService:
         memo: dict[Hashable, Any] = {}  # work the methods share across this batch (Inputs.once)
         replies = []
         for row, item in enumerate(prepared):
-            body: dict[str, Any] = {"model": manifest.name}
+            body: dict[str, Any] = {"model": manifest.name, "input_size": list(seen)}
             row_probabilities = probabilities[row] if probabilities is not None else None
             if row_probabilities is not None:
                 body["predictions"] = predictions_json(row_probabilities, item.options.top_k, manifest.labels)
@@ -332,9 +362,10 @@ class LafamService:
             replies.append(Reply(200, body))
         return replies
 
-    def _size(self, options: RequestOptions, original_size: tuple[int, int]) -> tuple[int, int]:
+    @staticmethod
+    def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
         if options.size == "input":
-            return self.manifest.input_size
+            return seen
         if options.size == "original":
             height, width = original_size
             scale = min(1.0, MAX_MAP_SIDE / max(height, width))  # a huge image must not mean a huge map
@@ -358,18 +389,20 @@ class LafamService:
             raise InvalidOption(f"method {options.method!r} cannot run with these options: {exc}") from exc
         if result.signed is not method.signed:
             raise ContractError(f"method {method.name!r} declares signed={method.signed} but returned the other kind")
-        return self._encode(result, options, original_size, probabilities)
+        seen = (int(inputs.image.shape[-2]), int(inputs.image.shape[-1]))
+        return self._encode(result, options, original_size, seen, probabilities)
 
     def _encode(
         self,
         result: Explanation,
         options: RequestOptions,
         original_size: tuple[int, int],
+        seen: tuple[int, int],
         probabilities: torch.Tensor | None,
     ) -> dict[str, Any]:
         maps = result.maps.detach().float().cpu()
         self._record_drift(maps[0], options.method)
-        size = self._size(options, original_size)
+        size = self._size(options, original_size, seen)
         resized = resize_maps(maps, size, options.upsample) if options.format == "png" else None
         return encode_explanation(
             result,

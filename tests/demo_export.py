@@ -11,7 +11,7 @@ DEMO = Path(demo.__file__).parent
 
 
 def export_demo(folder: Path, backend: str = "torchscript") -> Path:
-    """Export the shipped demo CNN (128×128, ``block3``) with its eager model into ``folder``; the backend's folder."""
+    """Export the shipped demo CNN (128×128, ``block3``, any input size) with its eager model; the backend's folder."""
     folders = export_model(
         "demo.model:shapes_cnn",
         folder,
@@ -23,6 +23,7 @@ def export_demo(folder: Path, backend: str = "torchscript") -> Path:
         std=(0.5, 0.5, 0.5),
         name="shapes",
         eager=True,
+        dynamic_size=True,
         log=lambda _: None,
     )
     return folders[backend]

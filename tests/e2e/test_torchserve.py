@@ -21,7 +21,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.run import build_demo_archive
-from demo.scenes import save_samples
+from demo.scenes import generate_scene, save_samples
 from export.server import TorchServe, running
 
 pytestmark = [
@@ -181,6 +181,60 @@ def explain(server: TorchServe, model: str, data: bytes, **headers: str) -> tupl
 
 def _decoded(entry: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["data"]))), dtype=np.float32)
+
+
+def _grid_png() -> tuple[bytes, list[int]]:
+    """A 256-px 2x2 grid of four 128-px single-object scenes (the demo's training scale), four classes."""
+    rng = np.random.default_rng(0)
+    tiles: list[np.ndarray] = []
+    labels: list[int] = []
+    while len(tiles) < 4:
+        scene = generate_scene(rng, 128, 1)
+        if scene.labels[0] not in labels:
+            tiles.append(scene.image)
+            labels.append(int(scene.labels[0]))
+    grid = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return buffer.getvalue(), labels
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_resize_none_serves_a_256_px_grid_at_its_own_size(server: TorchServe, model: str) -> None:
+    data, labels = _grid_png()
+    status, body = predict(server, model, data, **{"X-LaFAM-Resize": "none", "X-LaFAM-Top-K": "6"})
+    assert status == 200, body
+    assert body["input_size"] == [256, 256]  # the demo archive is exported with --dynamic-size
+    explanation = body["explanation"]
+    assert (explanation["size"], explanation["native_size"]) == ([256, 256], [16, 16])
+    assert _decoded(explanation).shape == (256, 256)
+    top4 = {p["index"] for p in body["predictions"][:4]}
+    assert len(top4 & set(labels)) >= 3  # at its training scale the model sees the grid's objects
+    request = {"image": base64.b64encode(data).decode(), "options": {"resize": "none", "format": "array"}}
+    headers = {"Content-Type": "application/json"}
+    status, body = call(server, f"/predictions/{model}", json.dumps(request).encode(), headers)
+    assert status == 200, body
+    assert np.asarray(body["explanation"]["data"]).shape == (16, 16)
+    status, body = explain(server, model, data, **{"X-LaFAM-Resize": "none", "X-LaFAM-Format": "array"})
+    assert status == 200, body
+    assert body["input_size"] == [256, 256]
+    assert np.asarray(body["explanation"]["data"]).shape == (256, 256)  # label-free LRP at the pixels it saw
+    status, body = predict(server, model, data)
+    assert (status, body["input_size"]) == (200, [128, 128])  # the default is still the model's size
+    status, body = predict(server, model, data, **{"X-LaFAM-Resize": "8"})
+    assert (status, body["error"]["code"]) == (400, "invalid_option")
+    assert "resize" in body["error"]["message"]
+
+
+def test_several_sizes_in_one_batch_are_each_answered(server: TorchServe, samples: list[dict]) -> None:
+    grid, _ = _grid_png()
+    scene = samples[0]["path"].read_bytes()
+    payloads = [(grid, "none"), (scene, "none"), (grid, "model"), (grid, "200"), (scene, "model")] * 2
+    with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
+        results = list(pool.map(lambda p: predict(server, "shapes", p[0], **{"X-LaFAM-Resize": p[1]}), payloads))
+    assert [status for status, _ in results] == [200] * len(payloads)
+    sizes = [body["input_size"] for _, body in results]
+    assert sizes == [[256, 256], [128, 128], [128, 128], [200, 200], [128, 128]] * 2
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -68,6 +68,7 @@ def flags(**options: str) -> list[str]:
         {"method": "gradcam", "classes": "4,1", "size": "original"},
         {"method": "distribution", "base": "lrp", "format": "array", "top_classes": "1"},
         {"method": "distribution_fast", "least_likely": "false", "temperature": "5", "tau": "0.1"},
+        {"method": "lrp", "resize": "none", "format": "array"},
     ],
 )
 def test_one_image_is_the_servers_json(
@@ -137,6 +138,19 @@ def test_an_option_error_is_the_servers_error_json_and_exit_2(
     assert body["error"]["valid"] == [
         "lrp", "lrp_class", "gradcam", "input_x_gradient", "distribution", "distribution_fast", "lafam"
     ]  # fmt: skip
+
+
+def test_resize_is_a_flag_like_every_option(exported: Path, images: list[Path], capsys) -> None:
+    status, bodies, _ = explain([str(exported), *map(str, images), "--method", "gradcam", "--resize", "none"], capsys)
+    assert status == 0
+    assert [body["input_size"] for body in bodies] == [[128, 128], [80, 96], [120, 140]]  # each image's own size
+    status, body, _ = explain([str(exported), str(images[2]), "--resize", "70", "--size", "input"], capsys)
+    assert status == 0
+    assert body["input_size"] == body["explanation"]["size"] == [60, 70]  # longer side 70, aspect ratio kept
+    status, body, _ = explain([str(exported), str(images[0]), "--resize", "8"], capsys)
+    assert status == 2
+    assert body["error"]["option"] == "resize"
+    assert "from 16 to 4096" in body["error"]["message"]
 
 
 def test_a_bad_or_missing_image_fails_alone(exported: Path, images: list[Path], tmp_path: Path, capsys) -> None:
