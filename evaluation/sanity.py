@@ -97,7 +97,16 @@ class _LocalMethods:
         )
         layers = self.manifest.layer_names if entry.endpoint is Endpoint.FORWARD else ()
         with torch.no_grad(), contextlib.ExitStack() as stack:
-            captured = {name: stack.enter_context(capture(resolve_layer(self.model, name))) for name in layers}
+            captured = {
+                name: stack.enter_context(
+                    capture(
+                        resolve_layer(self.model, name),
+                        input_size=tuple(x.shape[-2:]),
+                        hint=None if self.manifest.layer(name).layout == "tokens" else self.manifest.layer(name).layout,
+                    )
+                )
+                for name in layers
+            }
             logits = logits_of(self.model(x[None]))
         probabilities = torch.softmax(logits.float(), dim=1)[0] if self.manifest.task == "classification" else None
         classes = choose_classes(entry, options, probabilities) if Need.CLASSES in entry.needs else None

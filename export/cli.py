@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         "--layer",
         action="append",
         dest="layers",
-        help="layer to export (repeatable); default: the last convolutional stage, found automatically",
+        help=(
+            "layer to export (repeatable): a CNN stage, a Swin stage (N, H, W, C) or a ViT block (tokens on the "
+            "patch grid); default: the last convolutional stage or transformer block, found automatically"
+        ),
     )
     export.add_argument("--input-size", type=_size, default=(224, 224), help="N or HxW (default 224)")
     export.add_argument("--mean", type=_triple, default=IMAGENET_MEAN, help="r,g,b (default ImageNet)")

@@ -136,7 +136,7 @@ def export_model(
     eager_head = _dropped_head(spec, num_classes) if eager and task == "embedding" else None
     default_chosen = layers is None
     layer_names = [find_default_layer(model, size)] if layers is None else list(layers)
-    reference = ActivationModel(model, layer_names)
+    reference = ActivationModel(model, layer_names, input_size=size)
     del model
     with torch.no_grad():
         main, *activations = reference(torch.zeros(1, 3, *size))
@@ -147,13 +147,20 @@ def export_model(
         )
     num_outputs = int(main.shape[1])
     layer_specs = tuple(
-        LayerSpec(name=layer, output=output_name_for(layer), shape=(int(a.shape[1]), int(a.shape[2]), int(a.shape[3])))
+        LayerSpec(
+            name=layer,
+            output=output_name_for(layer),
+            shape=(int(a.shape[1]), int(a.shape[2]), int(a.shape[3])),
+            layout=reference.layouts[layer].kind,
+        )
         for layer, a in zip(layer_names, activations, strict=True)
     )
     _check_output_names(layer_specs)
     if default_chosen:
         c, h, w = layer_specs[0].shape
-        log(f"default layer: {layer_specs[0].name} ({c}x{h}x{w} at {size[0]}x{size[1]})")
+        layout = reference.layouts[layer_specs[0].name]
+        shown = "" if layout.kind == "nchw" else f", from {layout.describe()}"
+        log(f"default layer: {layer_specs[0].name} ({c}x{h}x{w} at {size[0]}x{size[1]}{shown})")
     if label_list and len(label_list) != num_outputs:
         raise ExportError(
             f"labels: {len(label_list)} labels for {num_outputs} model outputs; give exactly one label per class "

@@ -25,6 +25,8 @@ Task = Literal["classification", "embedding"]
 BackendName = Literal["onnx", "torchscript"]
 TASKS: tuple[str, ...] = ("classification", "embedding")
 BACKENDS: tuple[str, ...] = ("onnx", "torchscript")
+LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens")
+"""How an exported layer's eager output became its graph output; see :attr:`LayerSpec.layout`."""
 
 
 class ManifestError(ValueError):
@@ -53,11 +55,20 @@ class LayerSpec:
         name: module path in the eager model (``layer4``, ``features.7``).
         output: graph output name carrying its activations (``act_layer4``).
         shape: ``(C, h, w)`` of the activations at the manifest's input size.
+        layout: what the eager layer returns, which the graph turns into that map
+            (:func:`handlers.explain.tokens.to_grid`): ``nchw`` (a map, as is; omitted from the JSON),
+            ``nhwc`` (a channel-last map, e.g. a Swin stage, permuted) or ``tokens`` (a ViT block's
+            ``(N, T, C)``, leading class/register tokens dropped, reshaped to the patch grid).
     """
 
     name: str
     output: str
     shape: tuple[int, int, int]
+    layout: str = "nchw"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} of layer {self.name!r} (valid: {', '.join(LAYOUTS)})")
 
 
 @dataclass(frozen=True)
@@ -192,8 +203,12 @@ class Manifest:
         return self.labels[index] if self.labels else str(index)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return asdict(self)
+        """Return a JSON-serialisable dict (a layer's default ``nchw`` layout is left out)."""
+        data = asdict(self)
+        for layer in data["layers"]:
+            if layer["layout"] == "nchw":
+                del layer["layout"]
+        return data
 
     def dump(self, path: str | Path) -> None:
         """Write the manifest as pretty JSON."""
@@ -267,7 +282,13 @@ def _is_positive_int(value: Any) -> bool:
 
 def _layers(value: Any) -> tuple[LayerSpec, ...]:
     return tuple(
-        LayerSpec(name=str(s["name"]), output=str(s["output"]), shape=tuple(int(v) for v in s["shape"])) for s in value
+        LayerSpec(
+            name=str(s["name"]),
+            output=str(s["output"]),
+            shape=tuple(int(v) for v in s["shape"]),
+            layout=str(s.get("layout", "nchw")),
+        )
+        for s in value
     )
 
 

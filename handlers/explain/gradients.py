@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .tokens import from_grid, map_layout, to_grid
+
 Base = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A base attribution: ``base(x (N, 3, H, W), classes (N, K) long) -> maps (N, K, h, w)``."""
 
@@ -83,17 +85,40 @@ def logits_of(output: object) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
+def capture(
+    layer: nn.Module, *, input_size: tuple[int, int] | None = None, hint: str | None = None
+) -> Iterator[list[torch.Tensor]]:
     """Record the outputs of ``layer`` during the block; the hook is removed on exit, even on error.
 
+    Args:
+        layer: the module whose outputs are recorded.
+        input_size: ``(H, W)`` of the model's input: record each output as a map ``(N, C, h, w)``
+            (:func:`handlers.explain.tokens.map_layout` and :func:`~handlers.explain.tokens.to_grid`: a
+            channel-last Swin stage is permuted, a ViT block's tokens lose their class/register tokens and are
+            reshaped to the patch grid). The layer's output is then replaced by the same values rebuilt from
+            that map (:func:`~handlers.explain.tokens.from_grid`), so the rest of the forward depends on the
+            recorded map and gradients w.r.t. it can be taken. ``None``: record outputs as they are.
+        hint: ``"nchw"`` or ``"nhwc"`` for an ambiguous 4-D output (e.g. ``(N, 56, 56, 56)``), with
+            ``input_size``; the manifest records it as each layer's ``layout``.
+
     Yields:
-        A list that receives the layer's output tensor at each call.
+        A list that receives the layer's output tensor (or map) at each call.
+
+    Raises:
+        ValueError: with ``input_size``, from the forward pass: an output that is no map nor token grid.
     """
     outputs: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, torch.Tensor):
+    def hook(_module: nn.Module, _inputs: object, output: object) -> torch.Tensor | None:
+        if not isinstance(output, torch.Tensor):
+            return None
+        if input_size is None:
             outputs.append(output)
+            return None
+        layout = map_layout(tuple(output.shape), input_size, hint)
+        grid = to_grid(output, layout)
+        outputs.append(grid)
+        return None if layout.kind == "nchw" else from_grid(grid, layout, output)
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -252,6 +277,12 @@ class GradCAM(_PerClassAttribution):
     Otherwise: one forward with autograd, then batched vector-Jacobian products from the logits to the
     captured activations, ``chunk_size`` classes per backward.
 
+    Transformers: the layer's output is explained as a map on its token grid (:func:`capture` with the input
+    size): a ViT block's patch tokens without the class/register tokens, a Swin stage's ``(N, h, w, C)``
+    permuted, so the maps are ``(N, K, h, w)`` as for a CNN. A class-token ViT is never in closed form: a
+    LayerNorm follows the layer (the structural check fails) and, without one, the head reads token 0, not
+    the mean of the patch tokens (the numerical check fails), so autograd is used.
+
     Example:
         >>> cam = GradCAM(resnet, "layer4")
         >>> cam(x, torch.tensor([[207, 281]])).shape     # x: (1, 3, 224, 224)
@@ -266,6 +297,7 @@ class GradCAM(_PerClassAttribution):
         relu: bool = False,
         closed_form: bool | None = None,
         chunk_size: int = 64,
+        layout: str | None = None,
     ) -> None:
         """Bind the model and layer.
 
@@ -275,15 +307,20 @@ class GradCAM(_PerClassAttribution):
             relu: apply ReLU to each map (the original Grad-CAM); off by default.
             closed_form: ``None`` detect, ``True`` require, ``False`` never use the closed form.
             chunk_size: classes per batched backward (memory ∝ chunk_size × N × activation size).
+            layout: ``"nchw"`` or ``"nhwc"`` to settle an ambiguous 4-D layer output (a manifest's
+                ``LayerSpec.layout``); ``None`` or ``"tokens"``: decided from the output's shape alone.
 
         Raises:
-            ValueError: ``layer`` not in ``model``, bad ``closed_form`` or ``chunk_size``.
+            ValueError: ``layer`` not in ``model``, bad ``closed_form``, ``chunk_size`` or ``layout``.
             TypeError: ``model`` is not an ``nn.Module``.
         """
         super().__init__(model, chunk_size)
         self.layer = resolve_layer(model, layer)
         if closed_form not in (None, True, False):
             raise ValueError(f"closed_form must be None (detect), True or False, got {closed_form!r}")
+        if layout not in (None, "nchw", "nhwc", "tokens"):
+            raise ValueError(f"layout must be None, 'nchw', 'nhwc' or 'tokens', got {layout!r}")
+        self.layout = layout
         self.relu = bool(relu)
         self.closed_form = closed_form
         self._head: nn.Linear | None = None
@@ -319,7 +356,12 @@ class GradCAM(_PerClassAttribution):
         with torch.no_grad():
             _, _, head = self.forward(x)
         decided = GradCAM(
-            self.model, self.layer, relu=self.relu, closed_form=head is not None, chunk_size=self.chunk_size
+            self.model,
+            self.layer,
+            relu=self.relu,
+            closed_form=head is not None,
+            chunk_size=self.chunk_size,
+            layout=self.layout,
         )
         decided._head = head
         return decided
@@ -366,11 +408,13 @@ class GradCAM(_PerClassAttribution):
         trace = wanted and known is None
         with contextlib.ExitStack() as stack:
             order = stack.enter_context(_trace_after(self.model, self.layer)) if trace else []
-            outs = stack.enter_context(capture(self.layer))
+            hint = self.layout if self.layout in ("nchw", "nhwc") else None
+            outs = stack.enter_context(capture(self.layer, input_size=tuple(x.shape[-2:]), hint=hint))
             logits = logits_of(self.model(x))
         if len(outs) != 1 or outs[0].dim() != 4:
             raise ValueError(
-                f"layer must run exactly once per forward and output (N, C, h, w); it ran {len(outs)} time(s)"
+                "layer must run exactly once per forward and output a map (N, C, h, w), (N, h, w, C) or tokens "
+                f"(N, T, C) on the input's patch grid; it ran {len(outs)} time(s)"
             )
         acts = outs[0]
         head = known if known is not None else (_linear_head(order) if trace else None)

@@ -1,6 +1,8 @@
 """LaFAM: Label-free Activation Map.
 
-For activations ``A`` of shape ``(N, C, h, w)`` taken at a convolutional layer::
+For activations ``A`` of shape ``(N, C, h, w)`` taken at a convolutional layer (or at a transformer block,
+arranged on its patch grid by :func:`handlers.explain.tokens.to_grid`: a ViT block's patch tokens, a Swin
+stage's channel-last map; exported graphs do this inside the graph)::
 
     M_n = mean_c A[n, c]                              (channel mean, shape h x w)
     LaFAM_n = (M_n - min M_n) / (max M_n - min M_n)   (min-max scaled to [0, 1])
@@ -37,7 +39,10 @@ def lafam(activations: torch.Tensor) -> torch.Tensor:
         ValueError: ``activations`` is not 4-D.
     """
     if activations.dim() != 4:
-        raise ValueError(f"activations must be (N, C, h, w), got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations must be (N, C, h, w), got shape {tuple(activations.shape)}; turn tokens (N, T, C) or a "
+            "channel-last map (N, h, w, C) into one with handlers.explain.tokens.grid_layout and to_grid"
+        )
     return minmax_scale(activations.float().mean(dim=1))
 
 

@@ -95,7 +95,7 @@ class Engines:
     def _decide_gradcam(self, layer: str) -> GradCAM | str:
         """Grad-CAM of ``layer`` with its closed form decided on a seeded random image, or why there is none."""
         try:
-            cam = GradCAM(self.model, layer)
+            cam = GradCAM(self.model, layer, layout=self.manifest.layer(layer).layout)
         except ValueError as exc:
             return str(exc)
         example = torch.randn(1, 3, *self.manifest.input_size, generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,8 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
 
 import export.exporter as exporter_module
 import export.onnx as onnx_module
@@ -55,6 +57,22 @@ def build_encoder_net(num_classes: int = 10) -> EncoderNet:
     return EncoderNet(num_classes)
 
 
+def build_tiny_vit(num_classes: int = 10) -> nn.Module:
+    """torchvision's ViT at 32 px with 8 px patches: tokens (N, 1 + 4x4, 32); the head is not left at zero."""
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def build_tiny_swin(num_classes: int = 10) -> nn.Module:
+    """torchvision's Swin (the code of swin_t) with two small stages: channel-last maps (N, h, w, C)."""
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=num_classes
+    )
+
+
 def build_fully_convolutional() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
 
@@ -90,6 +108,16 @@ CASES = [
         labels="file",
         outputs=5,
     ),
+    # the class token alone leaves the last block: the default is the block before it (export.models)
+    Case("vit", f"{THIS}:build_tiny_vit", expected_layers=("encoder.layers.encoder_layer_0",), input_size=(32, 32)),
+    Case(
+        "vit_layers",
+        f"{THIS}:build_tiny_vit",
+        layers=("encoder.layers.encoder_layer_1", "conv_proj"),
+        expected_layers=("encoder.layers.encoder_layer_1", "conv_proj"),
+        input_size=(32, 32),
+    ),
+    Case("swin", f"{THIS}:build_tiny_swin", expected_layers=("features",), input_size=(32, 48)),
     Case(
         "embedding",
         "resnet18",
@@ -216,7 +244,8 @@ def test_manifest_content(exported: Exported) -> None:
     if case.layers is None:
         c, h, w = shapes[case.expected_layers[0]]
         size = case.input_size
-        assert f"default layer: {case.expected_layers[0]} ({c}x{h}x{w} at {size[0]}x{size[1]})" in exported.log
+        line = f"default layer: {case.expected_layers[0]} ({c}x{h}x{w} at {size[0]}x{size[1]}"
+        assert any(entry.startswith(line) for entry in exported.log), exported.log
 
 
 def test_onnx_graph_has_a_dynamic_batch_and_the_manifest_output_names(exported: Exported) -> None:

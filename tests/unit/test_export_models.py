@@ -82,6 +82,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
         ("mobilenet_v3_small", "features"),
         ("efficientnet_b0", "features"),
         ("convnext_tiny", "features"),
+        ("swin_t", "features"),  # its last stage: not the norm and permute after it (flat channel means)
     ],
 )
 def test_default_layer_of_torchvision_models(name: str, expected: str) -> None:
@@ -127,6 +128,72 @@ def test_default_layer_reports_a_failing_forward_pass() -> None:
 def test_default_layer_rejects_bad_input_size(size: object) -> None:
     with pytest.raises(ModelSpecError, match=r"input_size=.*two positive integers"):
         find_default_layer(build_stage_net(), size)  # type: ignore[arg-type]
+
+
+class ChannelLast(nn.Module):
+    """Two channel-last stages, like Swin's: (N, 8, 8, 8) at 32 px is ambiguous, (N, 4, 4, 16) is not."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.stage1 = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+        self.merge = nn.Conv2d(8, 16, 2, stride=2)
+        self.stage2 = nn.Sequential(nn.Linear(16, 16), nn.GELU())
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(self.embed(x).permute(0, 2, 3, 1))  # (N, 8, 8, 8)
+        x = self.stage2(self.merge(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # (N, 4, 4, 16)
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+
+def test_default_layer_of_channel_last_stages_skips_the_norm() -> None:
+    torch.manual_seed(0)
+    assert find_default_layer(ChannelLast().eval(), (32, 32)) == "stage2"
+
+
+def test_activation_model_permutes_channel_last_stages_and_settles_ambiguous_shapes() -> None:
+    torch.manual_seed(0)
+    model = ChannelLast().eval()
+    x = torch.randn(2, 3, 32, 32)
+    stage1: list[torch.Tensor] = []
+    handle = model.stage1.register_forward_hook(lambda _m, _a, out: stage1.append(out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    decided = ActivationModel(model, ["stage1", "stage2"], input_size=(32, 32))  # the blocks vote: channel-last
+    assert [decided.layouts[n].kind for n in ("stage1", "stage2")] == ["nhwc", "nhwc"]
+    with torch.no_grad():
+        _, first, second = decided(x)
+    torch.testing.assert_close(first, stage1[0].permute(0, 3, 1, 2))
+    assert second.shape == (2, 16, 4, 4)
+    lazy = ActivationModel(model, ["stage1"])  # decided at the first forward, from the shape alone: NCHW
+    with torch.no_grad():
+        lazy(x)
+    assert lazy.layouts["stage1"].kind == "nchw"
+    hinted = ActivationModel(model, ["stage1"], hints={"stage1": "nhwc"})
+    with torch.no_grad():
+        torch.testing.assert_close(hinted(x)[1], first)
+    with pytest.raises(ModelSpecError, match=r"hints=.*'nchw' or 'nhwc'"):
+        ActivationModel(model, ["stage1"], hints={"stage1": "tokens"})
+
+
+def test_a_stem_default_is_refused() -> None:
+    # a conv stem, then a sequence model on (N, T, C) rows that are no token grid: the stem would be the default
+    class Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 4, stride=4)
+            self.mixer = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows = self.stem(x).flatten(2).transpose(1, 2)[:, :-3]  # 61 of 64 positions: no grid
+            return self.head(self.mixer(rows).mean(dim=1))
+
+    with pytest.raises(ModelSpecError, match=r"'stem' \(Conv2d\), the model's stem or patch embedding.*--layer"):
+        find_default_layer(Rows().eval(), (32, 32))
 
 
 # --- ActivationModel ----------------------------------------------------------------------------------------------
