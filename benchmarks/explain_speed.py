@@ -1,7 +1,8 @@
 """Explanation methods' cost as a ratio to one plain forward pass, all measured side by side in one process.
 
-Models: torchvision ResNet-50, EfficientNet-B0 and ConvNeXt-T (``--archs``), random init (batch norms with
-random running statistics, so that folding them is not a no-op), ``.eval()``, 224x224 inputs, batch
+Models: torchvision ResNet-50, EfficientNet-B0 and ConvNeXt-T (``--archs``; ViT-B/16 and other torchvision
+classifiers too), random init (batch norms with random running statistics, so that folding them is not a
+no-op; a ViT's head, zero at torchvision's init, drawn at random), ``.eval()``, 224x224 inputs, batch
 ``--batch`` (1). Every figure is a RATIO measured side by side: the method runs in alternation with its
 reference (ABAB pairs, the order flipped every pair, one warm-up of each first), and the figure is the median
 over ``--pairs`` pairs of time(method) / time(reference of the same pair), so that drift of a noisy machine
@@ -12,7 +13,8 @@ One-class and label-free methods, on every model (the layer is the model's LaFAM
 
 - LaFAM: forward with the layer captured + :func:`handlers.explain.lafam.lafam` + nearest upsampling;
 - LRP label-free (seeded at the layer) and LRP of the top-1 logit, ours (:class:`handlers.explain.lrp.LRP`),
-  against the targets of issue 9: ≤ 3× on ResNet-50, ≤ 3.5× on EfficientNet-B0 and ConvNeXt-T;
+  against the targets of issue 9: ≤ 3× on ResNet-50, ≤ 3.5× on EfficientNet-B0, ConvNeXt-T and ViT-B/16
+  (issue 11, AttnLRP);
 - input × gradient of the top-1 logit, ours (:class:`handlers.explain.gradients.InputXGradient`), the
   one-class base of the fast input × gradient distribution;
 - zennit 0.5.1 LRP of the top-1 logit with our rules (ZPlus convolutions, Epsilon linear layers, ZBox first
@@ -30,7 +32,9 @@ One-class and label-free methods, on every model (the layer is the model's LaFAM
 Conservation (not timed): the sum of each LRP implementation's input relevance over what it seeded (the
 logit; for label-free LRP the layer's activations), on a copy of each architecture where LRP's rules conserve
 exactly (batch norms calibrated on random images, every bias and batch-norm shift zero, ConvNeXt layer scales
-1 so that the residual branches carry relevance): a correct implementation gives 1.
+1 so that the residual branches carry relevance; a ViT's in-projection biases, class token and position
+embedding zero): a correct implementation gives 1, except on a ViT, where AttnLRP's softmax rule does not
+conserve (Achtibat et al., ICML 2024, Prop. 3.1).
 
 Attribution distributions (Walter et al., arXiv:2503.07346) on ResNet-50 for K classes, the K most likely of
 the plain forward (``--ks``): the fast variants (:func:`handlers.explain.distribution.fast_lrp`,
@@ -80,6 +84,7 @@ from handlers.explain.distribution import attribution_distribution, explain, fas
 from handlers.explain.gradients import GradCAM, InputXGradient, capture, logits_of
 from handlers.explain.lafam import lafam, resize_maps
 from handlers.explain.lrp import LRP
+from handlers.explain.tokens import Layout, grid_layout, to_grid
 from handlers.manifest import IMAGENET_MEAN, IMAGENET_STD
 
 START_MARKER = "<!-- explain_speed:start -->"
@@ -89,7 +94,7 @@ ARCHS = ("resnet50", "efficientnet_b0", "convnext_tiny")
 """Models of the one-class table, in column order."""
 DIST_ARCH = "resnet50"
 """The model of the distribution table."""
-LRP_TARGETS = {"resnet50": 3.0, "efficientnet_b0": 3.5, "convnext_tiny": 3.5}
+LRP_TARGETS = {"resnet50": 3.0, "efficientnet_b0": 3.5, "convnext_tiny": 3.5, "vit_b_16": 3.5}
 """Issue 9's targets for our LRP (label-free and one class), × forward."""
 FAST_TARGET = 1.2
 """Issue 9's target for the fast distributions, × their base's one-class explanation, for any K."""
@@ -230,13 +235,22 @@ def measure(run: Callable[[], object], plain: Callable[[], object], pairs: int, 
 def build_model(arch: str, device: torch.device) -> nn.Module:
     """A random-init torchvision classifier in eval mode, its batch norms given random running statistics."""
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None).eval()
+    model = _random_head(getattr(torchvision.models, arch)(weights=None).eval())
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     return model.to(device)
+
+
+def _random_head(model: nn.Module) -> nn.Module:
+    """A ViT's head drawn at random: torchvision initialises it to zero, so every logit would be 0."""
+    head = getattr(getattr(model, "heads", None), "head", None)
+    if isinstance(head, nn.Linear) and not bool(head.weight.any()):
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.02)
+    return model
 
 
 def conserving_model(arch: str, size: int, device: torch.device) -> nn.Module:
@@ -248,7 +262,12 @@ def conserving_model(arch: str, size: int, device: torch.device) -> nn.Module:
     which makes every block nearly the identity) are set to 1 so that the residual branches carry relevance.
     """
     torch.manual_seed(0)
-    model = without_biases(calibrate_batch_norms(getattr(torchvision.models, arch)(weights=None), size))
+    model = _random_head(getattr(torchvision.models, arch)(weights=None))
+    model = without_biases(calibrate_batch_norms(model, size))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # a ViT's biases that are no module's ``bias``
+            if name.rsplit(".", 1)[-1] in ("in_proj_bias", "class_token", "pos_embedding"):
+                parameter.zero_()
     return model.to(device)
 
 
@@ -352,10 +371,17 @@ def loop_input_x_gradient(model: nn.Module, x: torch.Tensor, classes: torch.Tens
     return attribution_distribution(torch.stack(maps, 1))
 
 
-def _lafam(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+def _lafam(model: nn.Module, layer: str, x: torch.Tensor, layout: Layout) -> torch.Tensor:
     with torch.no_grad(), capture(model.get_submodule(layer)) as outs:
         model(x)
-    return resize_maps(lafam(outs[0]), tuple(x.shape[-2:]), "nearest")
+    return resize_maps(lafam(to_grid(outs[0], layout)), tuple(x.shape[-2:]), "nearest")
+
+
+def _layout(model: nn.Module, layer: str, x: torch.Tensor) -> Layout:
+    """How ``layer``'s output becomes a map (tokens, channel-last or a map already), decided once."""
+    with torch.no_grad(), capture(model.get_submodule(layer)) as outs:
+        model(x)
+    return grid_layout(tuple(outs[0].shape), (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -411,9 +437,14 @@ def check_conservation(arch: str, settings: Settings) -> dict[str, str]:
         LRP_CLASS: _conservation(one.maps.flatten(1).sum(1), seed),
     }
     canonizers = zennit_canonizers(arch)
-    with contextlib.ExitStack() as stack:
-        relevance = zennit_lrp(model, stack, canonizers or ())(x, top1)
-    cells[ZENNIT] = _conservation(relevance.flatten(1).sum(1), seed) + (" (wrong †)" if canonizers is None else "")
+    try:
+        with contextlib.ExitStack() as stack:
+            relevance = zennit_lrp(model, stack, canonizers or ())(x, top1)
+    except (TypeError, RuntimeError, ValueError):
+        cells[ZENNIT] = "not run (see above)"
+    else:
+        wrong = " (wrong †)" if canonizers is None else ""
+        cells[ZENNIT] = _conservation(relevance.flatten(1).sum(1), seed) + wrong
     try:
         relevance = captum_lrp(model)(x, top1)
     except (TypeError, RuntimeError, ValueError):
@@ -460,7 +491,7 @@ def run_single(subject: Subject, settings: Settings, log: Callable[[str], None])
     canonizers = zennit_canonizers(arch)
     with contextlib.ExitStack() as stack:
         methods: dict[str, Callable[[], object]] = {
-            LAFAM: functools.partial(_lafam, model, layer, x),
+            LAFAM: functools.partial(_lafam, model, layer, x, _layout(model, layer, x)),
             LRP_FREE: functools.partial(lrp.label_free, x, layer),
             LRP_CLASS: functools.partial(lrp.for_classes, x, top1),
             IXG_CLASS: functools.partial(ixg, x, top1[:, None]),
@@ -475,7 +506,7 @@ def run_single(subject: Subject, settings: Settings, log: Callable[[str], None])
             try:
                 figure = measure(fn, plain, settings.pairs, device)
             except (TypeError, RuntimeError, ValueError) as exc:
-                if row != CAPTUM:
+                if row not in (CAPTUM, ZENNIT):  # zennit 0.5.1's hooks fail on nn.MultiheadAttention (ViT)
                     raise
                 cells[row] = Cell(note=f"not run: {_error(exc)}")
                 log(f"{arch} {row}: {cells[row].note}")

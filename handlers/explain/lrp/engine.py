@@ -18,6 +18,11 @@ class can carry its own rule as a class attribute ``lrp_rule`` (a :class:`~.rule
 :data:`RULE_NAMES`), which also works for a model served from an archive. A module type with a rule is
 traced as one operation (a leaf) unless it overrides the ``forward`` of the class the rule was given for.
 
+Transformers: modules whose inside tracing cannot see (``nn.MultiheadAttention``, Swin's window attention)
+have rules that re-implement them explicitly, and ``nn.TransformerEncoderLayer`` is traced through a
+traceable equivalent of its forward (:mod:`.attention`); label-free LRP at a ViT block seeds the patch tokens
+only (:mod:`..tokens` finds the class and register tokens).
+
 What cannot be explained is refused when the engine is built, naming the operation, the module it sits in
 and that module's type: an operation without a rule, a forward that cannot be traced (control flow on
 values), a padding mode the rules do not cover.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -38,6 +44,8 @@ from torch import fx, nn
 from torch.fx.node import Node, map_aggregate, map_arg
 
 from ...manifest import IMAGENET_MEAN, IMAGENET_STD
+from ..tokens import Layout, grid_layout
+from .attention import Constant, Inline, MatMul, Softmax, attention_rules
 from .rules import (
     ByGroups,
     Epsilon,
@@ -72,6 +80,9 @@ RULE_NAMES: dict[str, Callable[[], Rule]] = {
     "gamma": Gamma,
     "flat": Flat,
     "layernorm": LayerNormRule,
+    "softmax": Softmax,
+    "matmul": MatMul,
+    "constant": Constant,
 }
 """Rules by name, for a module class's ``lrp_rule`` attribute (no import of this package needed)."""
 
@@ -103,6 +114,7 @@ _ROUTE_FUNCTIONS = (
     torch.unsqueeze,
     torch.chunk,
     torch.split,
+    torch.unbind,
     torch.roll,
     operator.getitem,
     F.pad,
@@ -120,6 +132,7 @@ _ROUTE_METHODS = (
     "unsqueeze",
     "chunk",
     "split",
+    "unbind",
     "expand",
     "repeat",
     "roll",
@@ -154,6 +167,10 @@ _INPLACE_FUNCTIONS = {
 def default_rules(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> dict[RuleKey, Rule]:
     """The default rule map: ZPlus for convolutions, Epsilon for linear layers, the glue rules for the rest.
 
+    Attention runs under AttnLRP (:func:`~.attention.attention_rules`: ``nn.MultiheadAttention``, Swin's window
+    attention, ``F.scaled_dot_product_attention``, softmax, matrix products); pass
+    ``rules=attention_rules(cp=True)`` to :class:`LRP` for CP-LRP.
+
     Args:
         epsilon: epsilon of the linear layers' Epsilon rule.
         stabilizer: the other rules' stabilizer, added to each denominator with its sign.
@@ -174,6 +191,7 @@ def default_rules(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> dict[RuleK
     rules.update(dict.fromkeys((*_GATE_FUNCTIONS, "mul", "div"), gate))
     rules.update({"relu": nonnegative, "sigmoid": nonnegative})
     rules.update({nn.LayerNorm: LayerNormRule(stabilizer), F.layer_norm: LayerNormRule(stabilizer)})
+    rules.update(attention_rules(epsilon=epsilon, stabilizer=stabilizer))  # AttnLRP; CP-LRP: attention_rules(cp=True)
     return rules
 
 
@@ -222,6 +240,8 @@ class _Tracer(fx.Tracer):
         if hasattr(type(m), "lrp_rule"):
             return True
         owner = _rule_owner(type(m), self.rules)
+        if owner is not None and isinstance(self.rules[owner], Inline):
+            return False
         if owner is not None and type(m).forward is owner.forward:
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -229,6 +249,10 @@ class _Tracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        owner = None if hasattr(type(m), "lrp_rule") else _rule_owner(type(m), self.rules)
+        rule = None if owner is None else self.rules[owner]
+        if isinstance(rule, Inline) and rule.forward_function is not None and type(m).forward is owner.forward:
+            forward = functools.partial(rule.forward_function, m)  # a traceable equivalent of the module's own
         self.inside.append(f"module {self.path_of_module(m)!r} ({type(m).__name__})")
         out = super().call_module(m, forward, args, kwargs)
         self.inside.pop()  # left in place when tracing fails: the innermost module is the culprit
@@ -396,10 +420,12 @@ class Graph:
             self.first = self.first._replace(rule=first_rule)
             self.steps[index] = self.first
         nonnegative: dict[Node, bool] = {self.input: False}
+        constant: dict[Node, bool] = {}
         for step in self.steps:
             if step.op is None:
                 continue
             step.op.nonnegative = tuple(nonnegative.get(n, False) for n in step.carriers)
+            step.op.constant = tuple(constant.get(n, False) for n in step.carriers)
             try:
                 step.rule.setup(step.op)
             except Unsupported:
@@ -407,6 +433,7 @@ class Graph:
             except Exception as exc:
                 raise Unsupported(f"{step.op.where}: {describe(step.op)} under {step.rule!r}: {exc}") from exc
             nonnegative[step.node] = step.rule.nonnegative(step.op)
+            constant[step.node] = step.rule.constant(step.op)
         self.plans = self._plans()
 
     @staticmethod
@@ -706,14 +733,19 @@ class LRP:
 
         Args:
             x: ``(N, C, H, W)`` normalised images.
-            layer: module name to seed with its own activations (label-free).
+            layer: module name to seed with its own activations (label-free); at a ViT block the patch
+                tokens only, not the class and register tokens.
             classes: ``(N,)`` or ``(N, K)`` integer class indices to seed with their logits, or
                 ``select(logits) -> classes`` to choose them from this very forward pass.
             mask: ``(layer, m)`` with ``m`` of shape ``(N, h, w)`` (``layer``'s spatial size), for ``(N,)``
                 classes only: the relevance reaching ``layer``'s output is multiplied by ``m`` (broadcast
-                over channels) before it goes on to the pixels. The returned ``seed`` is then the relevance
-                kept at ``layer``, which the maps conserve. ``m`` may be ``m(activations, logits)``, computed
-                from this forward's activations at ``layer`` and logits (one forward for both).
+                over channels) before it goes on to the pixels. At a transformer block ``(h, w)`` is its
+                patch grid (:func:`~..tokens.grid_layout`): a channel-last map ``(N, h, w, C)`` is masked
+                alike, and of tokens ``(N, T, C)`` the patch tokens are, the class and register tokens
+                dropped (at a ViT's last block a class's relevance sits on its class token alone). The
+                returned ``seed`` is then the relevance kept at ``layer``, which the maps conserve. ``m`` may
+                be ``m(activations, logits)``, computed from this forward's activations at ``layer`` and
+                logits (one forward for both).
 
         Returns:
             The maps and the seeded totals (see :class:`Relevance`).
@@ -738,8 +770,12 @@ class LRP:
                 node = self._node(layer)
                 env, saved = graph.run(x, stop=graph.position[node], keep=[node])
                 out = env[node]
-                maps = self._to_input(graph.propagate({node: out.clone()}, saved, 0, graph.position[node]), x)
-                return Relevance(maps, out.flatten(1).sum(1))
+                several = isinstance(out, tuple | list)  # nn.MultiheadAttention: (output, weights)
+                seed = _label_free_seed(out[0] if several else out, x)
+                total = seed.flatten(1).sum(1)  # before the relevance pass, whose rules may overwrite the seed
+                pending = {node: {0: seed} if several else seed}
+                maps = self._to_input(graph.propagate(pending, saved, 0, graph.position[node]), x)
+                return Relevance(maps, total)
             at = self._node(mask[0]) if mask is not None else None
             env, saved = graph.run(x, keep=[graph.logits] if at is None else [graph.logits, at])
             logits = _logits(env[graph.logits])
@@ -800,12 +836,26 @@ class LRP:
         at_layer = pending.get(node)
         if at_layer is None:
             at_layer = torch.zeros(1)
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (at_layer.shape[0], *at_layer.shape[2:]):
+        expected = (at_layer.shape[0], *at_layer.shape[2:])
+        layout = None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected or at_layer.dim() != 4:
+            layout = _token_layout(at_layer, x)  # tokens (N, T, C) or a channel-last map (N, h, w, C)
+            if layout is not None:
+                expected = (at_layer.shape[0], *layout.grid)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
             raise ValueError(
-                f"mask for layer {layer!r} must have shape {(at_layer.shape[0], *at_layer.shape[2:])}, "
+                f"mask for layer {layer!r} must have shape {expected}, "
                 f"got {getattr(mask, 'shape', type(mask).__name__)}"
             )
-        pending[node] = at_layer * mask.to(at_layer)[:, None]
+        mask = mask.to(at_layer)
+        if layout is None:
+            pending[node] = at_layer * mask[:, None]
+        elif layout.kind == "nhwc":
+            pending[node] = at_layer * mask[..., None]
+        else:  # tokens: the patch tokens masked, the class and register tokens dropped (as label-free LRP seeds)
+            masked = torch.zeros_like(at_layer)
+            masked[:, layout.extra :] = at_layer[:, layout.extra :] * mask.flatten(1)[..., None]
+            pending[node] = masked
         kept = pending[node].flatten(1).sum(1)
         return Relevance(self._to_input(graph.propagate(pending, saved, 0, stop), x), kept)
 
@@ -836,6 +886,41 @@ class LRP:
                 f"difference {difference}): its forward depends on values tracing cannot see"
             )
         self._checked = True
+
+
+def _token_layout(value: torch.Tensor, x: torch.Tensor) -> Layout | None:
+    """The layout of a transformer layer's output (:func:`~..tokens.grid_layout`), if it is one.
+
+    Tokens ``(N, T, C)`` or a channel-last map ``(N, h, w, C)``; ``None`` for a channel-first map or a shape
+    that is no grid.
+    """
+    if value.dim() not in (3, 4):
+        return None
+    return _layout_of(tuple(value.shape[1:]), (int(x.shape[-2]), int(x.shape[-1])))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(shape: tuple[int, ...], input_size: tuple[int, int]) -> Layout | None:
+    """:func:`_token_layout` for one per-sample shape and input size (the search runs once)."""
+    try:
+        layout = grid_layout((1, *shape), input_size)
+    except ValueError:
+        return None
+    return None if layout.kind == "nchw" else layout
+
+
+def _label_free_seed(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The label-free seed at a layer: its activations, with a ViT's class and register tokens set to 0.
+
+    Those tokens are no image region: seeding them would explain the class token's features as well. A
+    channel-first or channel-last map is seeded whole.
+    """
+    seed = out.clone()
+    if out.dim() == 3:
+        layout = _token_layout(out, x)
+        if layout is not None and layout.extra:
+            seed[:, : layout.extra] = 0
+    return seed
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -93,6 +93,8 @@ class Op:
         inputs: how many relevance-carrying inputs the node has (``relevance`` returns one entry each).
         pick: the relevance-carrying input values among resolved ``(args, kwargs)``, in order.
         nonnegative: per relevance-carrying input, whether it is known to be ``>= 0`` (after a ReLU…).
+        constant: per relevance-carrying input, whether the rules treat it as a constant (CP-LRP's attention
+            weights, see :meth:`Rule.constant`): a product with it passes all relevance to the other factor.
         folded: the batch norm folded into this layer, if any.
         state: the rule's per-node state, filled by ``setup``.
     """
@@ -106,6 +108,7 @@ class Op:
     inputs: int
     pick: Callable[[tuple[Any, ...], dict[str, Any]], list[torch.Tensor]]
     nonnegative: tuple[bool, ...] = ()
+    constant: tuple[bool, ...] = ()
     folded: nn.Module | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -129,6 +132,14 @@ class Rule:
 
     def nonnegative(self, op: Op) -> bool:
         """Whether the output is known to be ``>= 0`` given ``op.nonnegative`` (default: not known)."""
+        return False
+
+    def constant(self, op: Op) -> bool:
+        """Whether the rules after this one treat the output as a constant, given ``op.constant`` (default: no).
+
+        A product with a constant factor passes all its relevance to the other factor (CP-LRP treats
+        attention weights so; Ali et al., ICML 2022). Identity and routing rules pass the flag on.
+        """
         return False
 
     def __repr__(self) -> str:
@@ -172,6 +183,10 @@ class Pass(Rule):
     def nonnegative(self, op: Op) -> bool:
         return op.nonnegative[0] if self.nonnegative_output is None else self.nonnegative_output
 
+    @override
+    def constant(self, op: Op) -> bool:
+        return bool(op.constant) and op.constant[0]
+
 
 class _Folded(Pass):
     """A batch norm folded into the layer before it: the layer already applies it, so both passes are the identity."""
@@ -188,29 +203,82 @@ class _Folded(Pass):
 def _vjp(op: Op, saved: Saved, grads: Any) -> Relevances:
     """``∂y/∂x_iᵀ grads`` for every relevance-carrying input, by re-running the operation with autograd.
 
-    ``saved`` is ``Fixed((args, kwargs, carriers))`` from :func:`_keep_for_vjp`. When ``grads`` holds K
+    ``saved`` is ``Fixed((args, kwargs, carriers, outs))`` from :func:`_saved_for_vjp`. When ``grads`` holds K
     seeds per image (the batch is K times the saved one, sample-major), the seeds run one K-slice at a time.
+    The batch need not be the first dimension (``qkv[0]`` of a ``(3, N, …)`` tensor in attention): it is the
+    dimension where the relevance is larger than the saved output, found again in each input.
     """
-    args, kwargs, carriers = saved.value[:3]
-    batch = carriers[0].shape[0] if carriers and carriers[0].dim() else 1
-    first = grads[0] if isinstance(grads, list) else grads
-    times = first.shape[0] // batch if first.dim() and batch else 1
-    if times <= 1:
+    args, kwargs, carriers, outs = saved.value[:4]
+    grad_list = grads if isinstance(grads, list) else [grads]
+    pair = next(((g, o) for g, o in zip(grad_list, outs, strict=False) if g is not None), None)
+    if pair is None or pair[0].shape == pair[1].shape or not carriers:
         return _vjp_once(op, args, kwargs, carriers, grads)
+    grad, out = pair
+    axis = next(d for d, (a, b) in enumerate(zip(grad.shape, out.shape, strict=True)) if a != b)
+    batch = out.shape[axis]
+    times = grad.shape[axis] // batch
     parts = [
-        _vjp_once(op, args, kwargs, carriers, _slice_k(grads, k, times)) for k in range(times)
+        _vjp_once(op, args, kwargs, carriers, _slice_k(grads, k, times, axis, batch)) for k in range(times)
     ]  # one K-slice at a time: the saved arguments hold one copy of each image
-    return [_interleave([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(len(carriers))]
+    found: Relevances = []
+    for i, carrier in enumerate(carriers):
+        if parts[0][i] is None:
+            found.append(None)
+            continue
+        where = _input_batch_axis(op, args, carrier, axis=axis, ndim=out.dim(), batch=batch)
+        found.append(torch.stack([p[i] for p in parts], dim=where + 1).flatten(where, where + 1))
+    return found
 
 
-def _slice_k(grads: Any, k: int, times: int) -> Any:
+def _slice_k(grads: Any, k: int, times: int, axis: int, batch: int) -> Any:
+    """Seed ``k`` of every image: ``grads`` viewed as ``(…, batch, times, …)`` at ``axis``, then index ``k``."""
     if isinstance(grads, list):
-        return [None if g is None else g[k::times] for g in grads]
-    return grads[k::times]
+        return [None if g is None else _slice_k(g, k, times, axis, batch) for g in grads]
+    return grads.unflatten(axis, (batch, times)).select(axis + 1, k)
 
 
-def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(parts, dim=1).flatten(0, 1)
+def _input_batch_axis(op: Op, args: tuple[Any, ...], carrier: torch.Tensor, *, axis: int, ndim: int, batch: int) -> int:
+    """The batch dimension of an input, given the output's: the same one, or mapped through an index."""
+    where: int | None = axis
+    if op.target is operator.getitem and len(args) > 1:
+        where = _indexed_axis(args[1], carrier.dim(), axis)
+    elif op.target in (torch.unbind, "unbind"):
+        dim = (args[1] if len(args) > 1 else 0) % carrier.dim()
+        where = axis + (axis >= dim)
+    elif carrier.dim() != ndim:
+        where = None
+    if where is None or where >= carrier.dim() or carrier.shape[where] != batch:
+        sized = [d for d, size in enumerate(carrier.shape) if size == batch]
+        if len(sized) != 1:
+            raise Unsupported(
+                f"{op.where}: {describe(op)} moves the batch dimension in a way the K-class pass cannot follow; "
+                "use chunk_size=1"
+            )
+        where = sized[0]
+    return where
+
+
+def _indexed_axis(index: Any, ndim: int, axis: int) -> int | None:
+    """The input dimension that output dimension ``axis`` of ``x[index]`` comes from (basic indexing only)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(not (item is None or item is Ellipsis or isinstance(item, int | slice)) for item in items):
+        return None
+    used = sum(1 for item in items if item is not None and item is not Ellipsis)
+    expanded: list[Any] = []
+    for item in items:
+        expanded.extend([slice(None)] * (ndim - used) if item is Ellipsis else [item])
+    expanded.extend([slice(None)] * (ndim - sum(1 for item in expanded if item is not None)))
+    source, target = 0, 0
+    for item in expanded:
+        if item is None:
+            target += 1
+        elif isinstance(item, int):
+            source += 1
+        else:
+            if target == axis:
+                return source
+            source, target = source + 1, target + 1
+    return None
 
 
 def _vjp_once(op: Op, args: Any, kwargs: Any, carriers: list[torch.Tensor], grads: Any) -> Relevances:
@@ -286,13 +354,17 @@ class Route(Rule):
     def nonnegative(self, op: Op) -> bool:
         return all(op.nonnegative)
 
+    @override
+    def constant(self, op: Op) -> bool:
+        return bool(op.constant) and all(op.constant)
+
 
 def _dense(r: Any, saved: Saved) -> Any:
-    """A tuple output's relevance (``{index: R}``) as a list with zeros where nothing arrived."""
+    """A tuple output's relevance (``{index: R}``) as a list, ``None`` where nothing arrived."""
     if not isinstance(r, dict):
         return r
     outs = saved.value[3]
-    return [r.get(i, torch.zeros_like(o)) if isinstance(o, torch.Tensor) else None for i, o in enumerate(outs)]
+    return [r.get(i) if isinstance(o, torch.Tensor) else None for i, o in enumerate(outs)]
 
 
 def _saved_for_vjp(op: Op, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Fixed:
@@ -481,7 +553,8 @@ class Gate(Rule):
     With one relevance-carrying factor (the other a constant, e.g. a layer scale) ``R`` passes unchanged.
     With two, the factor of the output's shape is the signal and the broadcast one (a squeeze-excitation
     gate of shape ``(N, C, 1, 1)``) the gate, treated as a constant; two full-size factors split ``R`` in
-    half (AttnLRP's uniform rule). In a quotient the dividend takes all.
+    half (AttnLRP's uniform rule), unless one is flagged constant (:meth:`Rule.constant`, CP-LRP): then the
+    other takes all. In a quotient the dividend takes all.
     """
 
     @override
@@ -502,6 +575,9 @@ class Gate(Rule):
             return [_to_shape(r, shapes[0])]
         if op.target in _DIV:
             return [_to_shape(r, shapes[0]), None]
+        if any(op.constant):
+            keep = 1 if op.constant[0] else 0
+            return [_to_shape(r, shapes[0]), None] if keep == 0 else [None, _to_shape(r, shapes[1])]
         full = [shape[1:] == tuple(r.shape[1:]) for shape in shapes]
         if full[0] and full[1]:
             return [r / 2, r / 2]
@@ -551,23 +627,21 @@ class LayerNormRule(Stabilized):
             dims, eps = len(_pair(given["normalized_shape"])), given.get("eps", 1e-5)
             weight, bias = given.get("weight"), given.get("bias")
         axes = tuple(range(-dims, 0))
-        mean = x.mean(axes, keepdim=True)
-        sigma = (x.var(axes, keepdim=True, unbiased=False) + eps).sqrt()
-        y = (x - mean) / sigma
-        if weight is not None:
-            y = y * weight
-        if bias is not None:
-            y = y + bias
+        # Three kernels, not eight: few element-wise passes matter on a busy CPU (each one is a thread barrier).
+        sigma = torch.var_mean(x, axes, correction=0, keepdim=True)[0].add_(eps).sqrt_()
+        y = F.layer_norm(x, x.shape[x.dim() - dims :], weight, bias, eps)
         return y, (x, sigma, y, Fixed((axes, weight)))
 
     @override
     def relevance(self, op: Op, r: Any, saved: Saved) -> Relevances:
         x, sigma, y, fixed = saved
         axes, weight = fixed.value
-        g = r / stabilize(y, self.stabilizer) / sigma
+        s = stabilize(y, self.stabilizer)
+        g = r.div_(s) if r.shape == s.shape else r / s  # the engine hands every rule its own relevance
+        g = g.div_(sigma)
         if weight is not None:
-            g = g * weight
-        return [x * (g - g.mean(axes, keepdim=True))]
+            g = g.mul_(weight)
+        return [_times_input(g.sub_(g.mean(axes, keepdim=True)), x)]
 
 
 def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
