@@ -273,16 +273,28 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_objects: int =
     Raises:
         ValueError: if ``size`` or ``num_objects`` is out of range.
     """
-    if size < MIN_SIZE:
-        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
     if not 1 <= num_objects <= MAX_OBJECTS:
         raise ValueError(f"num_objects must be in [1, {MAX_OBJECTS}], got {num_objects}")
+    return _render(rng, size, num_objects, labels=None)
+
+
+def _render(rng: np.random.Generator, size: int, num_objects: int, labels: Sequence[int] | None) -> Scene:
+    """Draw a scene of ``num_objects`` objects; their classes are drawn from ``rng`` unless ``labels`` is given.
+
+    With ``labels=None`` this consumes ``rng`` exactly as :func:`generate_scene` always has, so existing seeds
+    keep giving the same scenes; with ``labels`` given, the class draw is skipped.
+    """
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
 
     canvas = _background(rng, size)
     _draw_distractors(rng, canvas)
     image = np.array(canvas)
 
-    labels = tuple(int(label) for label in rng.choice(len(CLASSES), size=num_objects, replace=False))
+    if labels is None:
+        labels = tuple(int(label) for label in rng.choice(len(CLASSES), size=num_objects, replace=False))
+    else:
+        labels = tuple(int(label) for label in labels)
     centres, radii = _place(rng, size, num_objects)
     yy, xx = _grid(size)
     scale = size / 128.0
@@ -305,6 +317,106 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_objects: int =
         masks[k] = mask
 
     return Scene(image=image, labels=labels, masks=masks)
+
+
+def _resize_image(image: np.ndarray, side: int) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of a uint8 RGB array to ``side`` x ``side``."""
+    if image.shape[0] == side and image.shape[1] == side:
+        return np.array(image)
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR)).copy()
+
+
+def _resize_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to ``side`` x ``side``."""
+    if mask.shape[0] == side and mask.shape[1] == side:
+        return np.array(mask)
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
+
+
+GRID_CELLS = 4
+"""Number of scenes (quadrants) in a grid of :func:`generate_grid`."""
+
+
+def generate_grid(rng: np.random.Generator, tile: int = 128, size: int | None = None) -> Scene:
+    """Generate a 2x2 grid of four single-object scenes of four distinct classes.
+
+    The four classes are drawn first (without replacement), then one single-object scene of each, ``tile``
+    pixels a side, is generated with :func:`generate_scene`'s renderer. The scenes go top-left, top-right,
+    bottom-left, bottom-right, and ``labels`` follows that quadrant order. With ``size`` given, each tile is
+    resized to ``size // 2`` before assembly (image bilinear, antialiased when shrinking, as
+    ``evaluation.data.synthetic_grids`` does; masks nearest), so ``generate_grid(rng, 128, size=128)`` is a
+    grid of half-scale 128-px scenes.
+
+    Args:
+        rng: the random generator; the grid is a deterministic function of its state.
+        tile: side of each generated scene in pixels (at least :data:`MIN_SIZE`).
+        size: side of the returned grid image, even and at least 2; ``None`` (default) means ``2 * tile``.
+
+    Returns:
+        A scene of four objects: ``image`` ``(size, size, 3)``, ``labels`` the four distinct classes in quadrant
+        order, ``masks`` ``(4, size, size)`` with ``masks[k]`` the object of quadrant ``k`` placed in the full
+        grid (exact at ``size == 2 * tile``; nearest-resized otherwise, so inside its quadrant either way).
+
+    Raises:
+        ValueError: if ``tile`` is below :data:`MIN_SIZE` or ``size`` is odd or below 2.
+    """
+    if tile < MIN_SIZE:
+        raise ValueError(f"tile must be >= {MIN_SIZE}, got {tile}")
+    out = 2 * tile if size is None else int(size)
+    if out < 2 or out % 2:
+        raise ValueError(f"size must be an even integer >= 2, got {size}")
+    half = out // 2
+    labels = tuple(int(label) for label in rng.choice(len(CLASSES), size=GRID_CELLS, replace=False))
+    image = np.empty((out, out, 3), dtype=np.uint8)
+    masks = np.zeros((GRID_CELLS, out, out), dtype=bool)
+    for k, label in enumerate(labels):
+        scene = _render(rng, tile, 1, labels=(label,))
+        top, left = (k // 2) * half, (k % 2) * half
+        image[top : top + half, left : left + half] = _resize_image(scene.image, half)
+        masks[k, top : top + half, left : left + half] = _resize_mask(scene.masks[0], half)
+    return Scene(image=image, labels=labels, masks=masks)
+
+
+def generate_zoomed_scene(
+    rng: np.random.Generator,
+    size: int = 128,
+    scale: tuple[float, float] = (0.5, 1.0),
+    num_objects: int = 1,
+) -> Scene:
+    """Generate a scene shrunk by a random factor and pasted at a random place on a fresh background.
+
+    A ``size``-px scene is generated, shrunk to ``round(f * size)`` pixels with ``f ~ U(scale)`` (image
+    bilinear, antialiased; masks nearest) and pasted at a uniformly random position onto a new background with
+    distractors (as :func:`generate_scene` draws them), so objects appear at down to ``scale[0]`` times their
+    usual size, with the pasted scene's own background around them. Labels are unchanged.
+
+    Args:
+        rng: the random generator; the scene is a deterministic function of its state.
+        size: side of the output image (at least :data:`MIN_SIZE`).
+        scale: ``(low, high)`` range of the shrink factor, ``0 < low <= high <= 1``.
+        num_objects: objects in the inner scene, 1 to :data:`MAX_OBJECTS`.
+
+    Returns:
+        The scene, ``size`` pixels a side, with the objects' masks at their pasted place.
+
+    Raises:
+        ValueError: if ``size``, ``scale`` or ``num_objects`` is out of range.
+    """
+    low, high = scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    inner = generate_scene(rng, size, num_objects)
+    side = max(1, min(size, round(float(rng.uniform(low, high)) * size)))
+    canvas = _background(rng, size)
+    _draw_distractors(rng, canvas)
+    image = np.array(canvas)
+    top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    image[top : top + side, left : left + side] = _resize_image(inner.image, side)
+    masks = np.zeros((num_objects, size, size), dtype=bool)
+    for k, mask in enumerate(inner.masks):
+        masks[k, top : top + side, left : left + side] = _resize_mask(mask, side)
+    return Scene(image=image, labels=inner.labels, masks=masks)
 
 
 def generate_dataset(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.scenes import generate_scene
+from demo.scenes import generate_grid, generate_scene
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -40,7 +40,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Grid:
-    """A 2×2 grid of four scenes of different classes, each resized into one quadrant.
+    """A 2×2 grid of four scenes of different classes, one per quadrant.
 
     Attributes:
         name: identifier in the results.
@@ -96,21 +96,16 @@ def folder_samples(folder: str | Path) -> list[Sample]:
     return samples
 
 
-def synthetic_grids(count: int, seed: int = 50_000, size: int = 128) -> list[Grid]:
-    """Grids of four single-object scenes of four different classes, each scene resized to ``size / 2``."""
+def synthetic_grids(count: int, seed: int = 50_000, tile: int = 128, size: int | None = None) -> list[Grid]:
+    """2×2 grids of four single-object scenes of four different classes (:func:`demo.scenes.generate_grid`).
+
+    Each scene is ``tile`` pixels, the demo model's training scale by default, so a grid is ``2 * tile``
+    pixels; ``size`` resizes the grid (half scale: ``size = tile``).
+    """
     rng = np.random.default_rng(seed)
     grids = []
-    half = size // 2
     for index in range(count):
-        scenes: list[tuple[np.ndarray, int]] = []
-        while len(scenes) < 4:
-            scene = generate_scene(rng, size, 1)
-            if scene.labels[0] not in {label for _, label in scenes}:
-                scenes.append((np.asarray(scene.image), scene.labels[0]))
-        tiles = [
-            np.asarray(Image.fromarray(image).resize((half, half), Image.Resampling.BILINEAR)) for image, _ in scenes
-        ]
-        image = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
-        labels = tuple(label for _, label in scenes)
-        grids.append(Grid(f"grid_{index:04d}", image, labels))  # type: ignore[arg-type]  # four by construction
+        scene = generate_grid(rng, tile, size)
+        labels = tuple(int(label) for label in scene.labels)
+        grids.append(Grid(f"grid_{index:04d}", np.asarray(scene.image), labels))  # type: ignore[arg-type]
     return grids

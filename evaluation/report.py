@@ -16,7 +16,7 @@ from demo.overlay import overlay
 
 from .data import Sample
 from .metrics import METRICS
-from .runner import GRID_PAIRS, Results
+from .runner import GRID_METRICS, GRID_PAIRS, GridResults, Results
 from .sanity import FLAG_THRESHOLD, SanityResult
 
 METRIC_TITLES = {
@@ -36,7 +36,7 @@ def _cell(value: float) -> str:
 def markdown(
     header: dict[str, Any],
     results: Results,
-    grid: dict[str, dict[str, float]] | None,
+    grid: GridResults | None,
     sanity: SanityResult | None,
 ) -> str:
     """The results as markdown tables."""
@@ -59,22 +59,7 @@ def markdown(
     for method, why in results.unavailable.items():
         lines.append(f"| {method} | not available: {why} |" + " |" * (len(METRICS) - 1))
     if grid:
-        lines += [
-            "",
-            "## Grid pointing game (2×2 grids of four classes; each class's map vs its quadrant)",
-            "",
-            "| base | region attr. | IoU | distribution | region attr. | IoU |",
-            "|---|---|---|---|---|---|",
-        ]
-        for base, dist in GRID_PAIRS:
-            if base in grid and dist in grid:
-                b, d = grid[base], grid[dist]
-                lines.append(
-                    f"| {base} | {_cell(b['region'])} | {_cell(b['iou'])} | {dist} | {_cell(d['region'])} | "
-                    f"{_cell(d['iou'])} |"
-                )
-        lines.append("")
-        lines.append("A class's quadrant is a quarter of the image: 0.25 region attribution is chance.")
+        lines += grid_tables(grid)
     if sanity:
         lines += [
             "",
@@ -94,6 +79,45 @@ def markdown(
             "turns empty scores 0 / high SSIM: it does depend on the model."
         )
     return "\n".join(lines) + "\n"
+
+
+def grid_tables(grid: GridResults) -> list[str]:
+    """The grid game as markdown: every (base, distribution) pair on all grids, then on the top-4 grids."""
+    served = "at its own size" if grid.resize == "none" else f"with resize={grid.resize}"
+    lines = [
+        "",
+        "## Grid pointing game (2×2 grids of four classes; each class's map vs its quadrant)",
+        "",
+        f"{grid.grids} grids, each served {served}; the four quadrant labels compete."
+        + (f" Note: {grid.note}." if grid.note else ""),
+    ]
+    titles = list(GRID_METRICS.values())
+    for subset, title in (("all", "all grids"), ("top4", "grids whose four labels are the model's top-4")):
+        summary = grid.summary(subset)
+        count = grid.grids if subset == "all" else sum(grid.top4)
+        lines += [
+            "",
+            f"**{title}** ({count})",
+            "",
+            "| method | " + " | ".join(titles) + " | RA gain |",
+            "|---|" + "---|" * (len(titles) + 1),
+        ]
+        for base, dist in GRID_PAIRS:
+            if base not in summary or dist not in summary:
+                continue
+            for name in (base, dist):
+                values = summary[name]
+                cells = [_cell(values[metric]) for metric in GRID_METRICS]
+                gain = values["region"] - summary[base]["region"]
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if name == base else f'{gain:+.3f}'} |")
+    lines += [
+        "",
+        "RA: region attribution, the share of a class map's positive mass in its own quadrant (0 for an empty "
+        "map; 0.25 is chance). Empty: share of maps with no nonzero value. Quadrant AUC: threshold-free, the "
+        "probability that a pixel of the class's quadrant outscores one of the other three (0.5 for an empty "
+        "map). IoU top 25 %: IoU of the map's top quarter of pixels with the quadrant, which caps sparse maps.",
+    ]
+    return lines
 
 
 def montage(samples: list[Sample], results: Results, path: Path, tile: int = 128) -> None:
@@ -130,7 +154,7 @@ def write(
     header: dict[str, Any],
     samples: list[Sample],
     results: Results,
-    grid: dict[str, dict[str, float]] | None,
+    grid: GridResults | None,
     sanity: SanityResult | None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``montage.png`` into ``out``; return their paths."""
@@ -140,7 +164,7 @@ def write(
         "accuracy": results.accuracy,
         "localisation": results.summary(),
         "unavailable": results.unavailable,
-        "grid": grid,
+        "grid": None if grid is None else grid.to_json(),
         "sanity": None
         if sanity is None
         else {"steps": sanity.steps, "spearman": sanity.spearman, "ssim": sanity.ssim, "flagged": sanity.flagged},

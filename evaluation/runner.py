@@ -255,41 +255,133 @@ def evaluate(
     return results
 
 
-def grid_game(
-    source: Source, grids: Sequence[Grid], methods: Sequence[Method] = METHODS, *, progress: bool = True
-) -> dict[str, dict[str, float]]:
-    """The grid pointing game: per method, mean region attribution and IoU with each quadrant's class.
+GRID_METRICS: dict[str, str] = {
+    "region": "RA",
+    "empty": "empty",
+    "region_nonempty": "RA non-empty",
+    "auc": "quadrant AUC",
+    "iou": "IoU top 25 %",
+}
+"""The grid game's figures per method (column titles). ``region``: region attribution (the share of a class
+map's positive mass in its own quadrant, 0 for an empty map; 0.25 is chance); ``empty``: the share of maps
+with no nonzero value; ``region_nonempty``: RA over the non-empty maps only; ``auc``: the quadrant's ROC AUC,
+threshold-free (:func:`evaluation.metrics.auc`: the probability that a pixel of the class's quadrant outscores
+a pixel of the other three, 0.5 for an empty map); ``iou``: IoU of the map's top 25 % with the quadrant,
+which caps a sparse map (its positive pixels are fewer than a quarter of the image)."""
 
-    Each grid's four classes are explained together (explicit ``classes``, so they are also the competitors
-    of the distributions); class c's map is scored against c's quadrant. ``distribution_fast`` returns
-    only its target's map (``target_only``), so it is asked once per quadrant with that quadrant's class first.
+
+@dataclass
+class GridResults:
+    """Per method, one record per explained class map, and how the grids were served.
+
+    Attributes:
+        resize: the ``resize`` option the grids were served with (``none``: at the posted size).
+        note: why the grids were not served at their own scale, if they were not.
+        grids: number of grids.
+        top4: per grid, whether its four labels are the model's four most likely classes.
+        records: per method, ``(grid index, {metric: value})`` for each class map.
+    """
+
+    resize: str
+    note: str = ""
+    grids: int = 0
+    top4: list[bool] = field(default_factory=list)
+    records: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
+
+    def summary(self, subset: str = "all") -> dict[str, dict[str, float]]:
+        """Per method, the mean of each :data:`GRID_METRICS` figure over ``all`` grids or the ``top4`` ones."""
+        out: dict[str, dict[str, float]] = {}
+        for method, records in self.records.items():
+            kept = [values for index, values in records if subset == "all" or self.top4[index]]
+            nonempty = [v["region"] for v in kept if not v["empty"]]
+            out[method] = {
+                "region": _mean([v["region"] for v in kept]),
+                "empty": _mean([v["empty"] for v in kept]),
+                "region_nonempty": _mean(nonempty),
+                "auc": _mean([v["auc"] for v in kept]),
+                "iou": _mean([v["iou"] for v in kept]),
+                "maps": float(len(kept)),
+            }
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Both summaries and the settings, for ``results.json``."""
+        return {
+            "resize": self.resize,
+            "note": self.note,
+            "grids": self.grids,
+            "top4_grids": sum(self.top4),
+            "all": self.summary("all"),
+            "top4": self.summary("top4"),
+        }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def grid_game(
+    source: Source,
+    grids: Sequence[Grid],
+    methods: Sequence[Method] = METHODS,
+    *,
+    resize: str = "none",
+    progress: bool = True,
+) -> GridResults:
+    """The grid pointing game of the attribution-distribution paper (Walter et al., arXiv:2503.07346).
+
+    Each 2×2 grid holds four scenes of four classes at the model's scale; it is served with ``resize`` (by
+    default at its own size, which a model exported with dynamic height and width allows; a model with a
+    fixed input size gets the grid resized to it, which the result notes). The four quadrant labels compete:
+    they are the explicit ``classes`` of every request, so also the competitors of the distributions. Class
+    c's map is scored against c's quadrant with every :data:`GRID_METRICS` figure. ``distribution_fast``
+    returns only its target's map (``target_only``), so it is asked once per quadrant with that quadrant's
+    class first. The grids whose four labels are the model's top-4 logits are marked (``top4``).
     """
     wanted = {name for pair in GRID_PAIRS for name in pair}
     chosen = [m for m in methods if m.name in wanted]
-    scores: dict[str, dict[str, list[float]]] = {m.name: {"region": [], "iou": []} for m in chosen}
-    for grid in tqdm(grids, desc="grids", unit="grid", disable=not progress):
+    results = GridResults(resize=resize, grids=len(grids), records={m.name: [] for m in chosen})
+    for index, grid in enumerate(tqdm(grids, desc="grids", unit="grid", disable=not progress)):
         shape = grid.image.shape[:2]
         quadrants = metrics.quadrant_masks(*shape)
+        ranking = _grid_ranking(source, grid, results)
+        results.top4.append(set(ranking[:4]) == set(grid.labels))
         for method in chosen:
+            if method.name not in results.records:
+                continue
             orders = (
                 [[c, *(o for o in grid.labels if o != c)] for c in grid.labels]
                 if method.target_only
                 else [list(grid.labels)]
             )
+            options = {**method.options, "format": "array", "resize": results.resize}
             try:
-                bodies = [
-                    source.explain(grid.image, {**method.options, "format": "array", "classes": order})
-                    for order in orders
-                ]
+                bodies = [source.explain(grid.image, {**options, "classes": order}) for order in orders]
             except SourceError:
-                scores.pop(method.name, None)
+                results.records.pop(method.name, None)
                 continue
             for label, quadrant in zip(grid.labels, quadrants, strict=True):
                 body = bodies[0] if len(bodies) == 1 else bodies[grid.labels.index(label)]
                 saliency = map_of(body, label, shape, method.upsample)
-                scores[method.name]["region"].append(metrics.region_attribution(saliency, quadrant))
-                scores[method.name]["iou"].append(metrics.thresholded_iou(saliency, quadrant))
-    return {
-        name: {metric: statistics.fmean(values) if values else math.nan for metric, values in by_metric.items()}
-        for name, by_metric in scores.items()
-    }
+                values = {
+                    "region": metrics.region_attribution(saliency, quadrant),
+                    "empty": float(not np.any(saliency)),
+                    "auc": metrics.auc(saliency, quadrant),
+                    "iou": metrics.thresholded_iou(saliency, quadrant),
+                }
+                results.records[method.name].append((index, values))
+    return results
+
+
+def _grid_ranking(source: Source, grid: Grid, results: GridResults) -> list[int]:
+    """The model's classes for ``grid``, most likely first; falls back to ``resize=model`` once if refused."""
+    options = {"method": "lafam", "format": "none", "top_k": 4}
+    try:
+        body = source.explain(grid.image, {**options, "resize": results.resize})
+    except SourceError as exc:
+        if results.resize == "model":
+            raise
+        results.note = f"served at the model's input size: resize={results.resize} was refused ({exc})"
+        results.resize = "model"
+        body = source.explain(grid.image, {**options, "resize": "model"})
+    return [p["index"] for p in body.get("predictions", [])]

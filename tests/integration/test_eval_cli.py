@@ -37,9 +37,14 @@ def test_eval_writes_tables_json_and_montage(archive: Path, tmp_path: Path, caps
                                "relevance_rank_accuracy", "sparseness", "auc"}  # fmt: skip
         assert all(0.0 <= s["mean"] <= 1.0 for s in scores.values()), (method, scores)
     assert not data["unavailable"]
+    grid = data["grid"]
+    assert grid["resize"] == "none"  # the demo export takes any size: 256-px grids at the model's scale
+    assert grid["grids"] == 1
     for base, distribution in GRID_PAIRS:
-        assert math.isfinite(data["grid"][base]["region"])
-        assert math.isfinite(data["grid"][distribution]["iou"])
+        assert math.isfinite(grid["all"][base]["region"])
+        assert math.isfinite(grid["all"][distribution]["auc"])
+        assert 0.0 <= grid["all"][distribution]["empty"] <= 1.0
+    assert "RA gain" in printed
     assert data["sanity"]["steps"] == ["head", "block3", "block2", "block1", "stem"]
     assert all(len(v) == 5 for v in data["sanity"]["spearman"].values())
     # the trained model's LaFAM does not depend on the head: randomising it alone leaves the map unchanged

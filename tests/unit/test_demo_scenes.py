@@ -12,7 +12,15 @@ from PIL import Image
 
 from demo import scenes as scene_module
 from demo.model import INPUT_SIZE, LAST_CONV_STAGE, preprocess, shapes_cnn
-from demo.scenes import CLASSES, Scene, generate_dataset, generate_scene, save_samples
+from demo.scenes import (
+    CLASSES,
+    Scene,
+    generate_dataset,
+    generate_grid,
+    generate_scene,
+    generate_zoomed_scene,
+    save_samples,
+)
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 WEIGHTS = DEMO / "weights" / "shapes_cnn.pt"
@@ -141,6 +149,106 @@ def test_save_samples_writes_images_masks_and_index(tmp_path: Path) -> None:
         assert len(sample["masks"]) == len(scene.labels)
         for mask_file, mask in zip(sample["masks"], scene.masks, strict=True):
             np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / mask_file)) > 0, mask)
+
+
+def _quadrant(size: int, k: int) -> tuple[slice, slice]:
+    half = size // 2
+    return slice((k // 2) * half, (k // 2 + 1) * half), slice((k % 2) * half, (k % 2 + 1) * half)
+
+
+@pytest.mark.parametrize(("tile", "size"), [(128, None), (128, 128), (64, None), (64, 96)])
+def test_grid_has_four_distinct_classes_each_inside_its_quadrant(tile: int, size: int | None) -> None:
+    side = 2 * tile if size is None else size
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        grid = generate_grid(rng, tile=tile, size=size)
+        assert grid.image.shape == (side, side, 3)
+        assert grid.image.dtype == np.uint8
+        assert grid.masks.shape == (4, side, side)
+        assert len(grid.labels) == 4
+        assert len(set(grid.labels)) == 4
+        assert all(0 <= label < len(CLASSES) for label in grid.labels)
+        assert grid.masks.sum(axis=0).max() == 1
+        for k, mask in enumerate(grid.masks):
+            rows, cols = _quadrant(side, k)
+            assert mask[rows, cols].any()
+            outside = mask.copy()
+            outside[rows, cols] = False
+            assert not outside.any(), f"mask {k} leaves its quadrant"
+
+
+def test_grid_quadrants_are_the_scenes_of_the_renderer() -> None:
+    """At full scale each quadrant is exactly a generated scene of its label, and its mask is exact."""
+    grid = generate_grid(np.random.default_rng(8), tile=64)
+    rng = np.random.default_rng(8)
+    labels = tuple(int(label) for label in rng.choice(len(CLASSES), size=4, replace=False))
+    assert grid.labels == labels
+    for k, label in enumerate(labels):
+        scene = scene_module._render(rng, 64, 1, labels=(label,))
+        rows, cols = _quadrant(128, k)
+        np.testing.assert_array_equal(grid.image[rows, cols], scene.image)
+        np.testing.assert_array_equal(grid.masks[k, rows, cols], scene.masks[0])
+        _assert_valid(scene, 64)
+
+
+def test_half_scale_grid_shrinks_the_full_scale_grid() -> None:
+    full = generate_grid(np.random.default_rng(4), tile=128)
+    half = generate_grid(np.random.default_rng(4), tile=128, size=128)
+    assert half.labels == full.labels
+    for k in range(4):
+        rows, cols = _quadrant(256, k)
+        tile = Image.fromarray(full.image[rows, cols]).resize((64, 64), Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(half.image[_quadrant(128, k)], np.asarray(tile))
+        # Nearest-resized masks keep roughly a quarter of the pixels.
+        assert abs(half.masks[k].sum() - full.masks[k].sum() / 4) <= 0.1 * full.masks[k].sum() / 4 + 8
+
+
+def test_grid_is_deterministic_per_seed() -> None:
+    a = generate_grid(np.random.default_rng(21))
+    b = generate_grid(np.random.default_rng(21))
+    c = generate_grid(np.random.default_rng(22))
+    assert a.labels == b.labels
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_grid_labels_cover_all_classes_over_many_grids() -> None:
+    rng = np.random.default_rng(0)
+    seen = {label for _ in range(12) for label in generate_grid(rng, tile=32).labels}
+    assert seen == set(range(len(CLASSES)))
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"tile": 16}, "tile"), ({"size": 127}, "size"), ({"size": 0}, "size")])
+def test_generate_grid_rejects_bad_arguments(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        generate_grid(np.random.default_rng(0), **kwargs)
+
+
+def test_zoomed_scene_keeps_labels_and_masks_inside_the_image() -> None:
+    rng = np.random.default_rng(3)
+    areas = []
+    for _ in range(10):
+        scene = generate_zoomed_scene(rng, 128, (0.5, 1.0))
+        assert scene.image.shape == (128, 128, 3)
+        assert scene.masks.shape == (1, 128, 128)
+        assert len(scene.labels) == 1
+        assert scene.masks[0].any()
+        areas.append(scene.masks[0].sum())
+    a = generate_zoomed_scene(np.random.default_rng(9))
+    b = generate_zoomed_scene(np.random.default_rng(9))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    with pytest.raises(ValueError, match="scale"):
+        generate_zoomed_scene(rng, 128, (0.0, 1.0))
+
+
+def test_generate_scene_stream_is_unchanged_by_the_grid_renderer() -> None:
+    """generate_scene draws its labels itself; the labelled renderer must not shift seeded datasets."""
+    scene = generate_scene(np.random.default_rng(12), num_objects=2)
+    again = scene_module._render(np.random.default_rng(12), 128, 2, labels=None)
+    assert scene.labels == again.labels
+    np.testing.assert_array_equal(scene.image, again.image)
 
 
 def test_labels_file_matches_classes() -> None:

@@ -90,21 +90,59 @@ def test_map_of_picks_the_target_class_and_upsamples() -> None:
 def test_grid_game_scores_each_class_against_its_quadrant() -> None:
     (grid,) = synthetic_grids(1, size=32)
     assert len(set(grid.labels)) == 4
+    assert grid.image.shape == (32, 32, 3)
+    assert synthetic_grids(1)[0].image.shape == (256, 256, 3)  # four 128-px scenes: the demo model's scale
     quadrant = np.zeros((32, 32))
     quadrant[:16, :16] = 1.0  # the oracle's first class map covers the top-left quadrant only
     source = OracleSource({id(grid.image): quadrant})
-    scores = grid_game(source, [grid], progress=False)
-    assert set(scores) == {
+    results = grid_game(source, [grid], progress=False)
+    assert results.resize == "none"
+    assert results.top4 == [False]  # the oracle ranks classes 2, 0, 1 only
+    summary = results.summary()
+    assert set(summary) == {
         "Grad-CAM",
         "distribution · Grad-CAM",
+        "input×gradient",
+        "distribution · input×gradient",
         "LRP class",
         "distribution · LRP",
         "distribution fast · LRP",
     }
-    for values in scores.values():
+    for values in summary.values():
         assert 0.0 <= values["region"] <= 1.0
+        assert values["empty"] == 0.0
+        assert values["region_nonempty"] == values["region"]
+        assert 0.0 <= values["auc"] <= 1.0
+    assert all(r["resize"] == "none" for r in source.requests)
     fast = [r for r in source.requests if r["method"] == "distribution_fast"]
     assert [r["classes"][0] for r in fast] == list(grid.labels)  # one request per quadrant, its class first
+    assert results.summary("top4")["Grad-CAM"]["maps"] == 0.0
+    json = results.to_json()
+    assert json["grids"] == 1
+    assert json["top4_grids"] == 0
+
+
+def test_grid_game_counts_empty_maps_and_falls_back_to_the_model_size() -> None:
+    (grid,) = synthetic_grids(1, size=32)
+
+    class Fixed(OracleSource):
+        def explain(self, image: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
+            if options.get("resize") == "none":
+                raise SourceError("400 option 'resize': the model was exported with a fixed input size")
+            return super().explain(image, options)
+
+    source = Fixed({id(grid.image): np.zeros((32, 32))})
+    results = grid_game(source, [grid], progress=False)
+    assert results.resize == "model"
+    assert "fixed input size" in results.note
+    for name, values in results.summary().items():
+        if name == "distribution fast · LRP":  # asked once per class, always its first map: all zeros
+            assert values["empty"] == 1.0
+            assert np.isnan(values["region_nonempty"])
+        else:  # the oracle's first class map is all zeros, the three others all ones
+            assert values["empty"] == 0.25
+            assert values["region_nonempty"] == pytest.approx(0.25)  # a uniform map: chance
+        assert values["auc"] == pytest.approx(0.5)
 
 
 def test_synthetic_data_is_seeded_and_masks_fit(tmp_path) -> None:
