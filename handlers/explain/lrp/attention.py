@@ -284,7 +284,27 @@ def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().clone()
 
 
-class Attention(Stabilized):
+class _Projected(Stabilized):
+    """An attention rule with weighted projections: AttnLRP or CP-LRP, and the rule of its linear layers.
+
+    Args:
+        cp: CP-LRP (attention weights as constants) instead of AttnLRP.
+        linear: the weighted rule of the projections (default: LRP-ε with ``epsilon``).
+        epsilon: epsilon of the default linear rule.
+        stabilizer: added to the denominator of the ``A V`` product with its sign.
+    """
+
+    def __init__(
+        self, *, cp: bool = False, linear: Rule | None = None, epsilon: float = 1e-6, stabilizer: float = 1e-6
+    ) -> None:
+        super().__init__(stabilizer)
+        self.cp = cp
+        self.linear = Epsilon(epsilon) if linear is None else linear
+        if not self.linear.weighted:
+            raise ValueError(f"linear must be a weighted rule (Epsilon, Gamma, ZPlus…), got {self.linear!r}")
+
+
+class Attention(_Projected):
     """``nn.MultiheadAttention`` re-implemented explicitly, under AttnLRP (default) or CP-LRP.
 
     In-projection (one linear layer when query, key and value are the same tensor), heads split, scaled
@@ -303,15 +323,6 @@ class Attention(Stabilized):
     Raises:
         Unsupported: at build time, ``add_bias_kv`` or ``add_zero_attn``; unbatched inputs at run time.
     """
-
-    def __init__(
-        self, *, cp: bool = False, linear: Rule | None = None, epsilon: float = 1e-6, stabilizer: float = 1e-6
-    ) -> None:
-        super().__init__(stabilizer)
-        self.cp = cp
-        self.linear = Epsilon(epsilon) if linear is None else linear
-        if not self.linear.weighted:
-            raise ValueError(f"linear must be a weighted rule (Epsilon, Gamma, ZPlus…), got {self.linear!r}")
 
     @override
     def setup(self, op: Op) -> None:
@@ -530,7 +541,7 @@ _SDPA_SIGNATURE = _signature(
 """``F.scaled_dot_product_attention``'s arguments."""
 
 
-class WindowAttention(Stabilized):
+class WindowAttention(_Projected):
     """torchvision Swin's ``ShiftedWindowAttention`` (v1 and v2) re-implemented explicitly.
 
     The module calls ``shifted_window_attention`` (fx-wrapped): pad to whole windows, cyclic shift, window
@@ -548,15 +559,6 @@ class WindowAttention(Stabilized):
         epsilon: epsilon of the default linear rule.
         stabilizer: added to the denominator of the ``A V`` product with its sign.
     """
-
-    def __init__(
-        self, *, cp: bool = False, linear: Rule | None = None, epsilon: float = 1e-6, stabilizer: float = 1e-6
-    ) -> None:
-        super().__init__(stabilizer)
-        self.cp = cp
-        self.linear = Epsilon(epsilon) if linear is None else linear
-        if not self.linear.weighted:
-            raise ValueError(f"linear must be a weighted rule (Epsilon, Gamma, ZPlus…), got {self.linear!r}")
 
     @override
     def setup(self, op: Op) -> None:
