@@ -338,43 +338,65 @@ GRID_CELLS = 4
 """Number of scenes (quadrants) in a grid of :func:`generate_grid`."""
 
 
-def generate_grid(rng: np.random.Generator, tile: int = 128, size: int | None = None) -> Scene:
-    """Generate a 2x2 grid of four single-object scenes of four distinct classes.
+def generate_grid(
+    rng: np.random.Generator, tile: int = 128, size: int | None = None, num_objects: int = GRID_CELLS
+) -> Scene:
+    """Generate a 2x2 grid of single-object scenes of distinct classes.
 
-    The four classes are drawn first (without replacement), then one single-object scene of each, ``tile``
-    pixels a side, is generated with :func:`generate_scene`'s renderer. The scenes go top-left, top-right,
-    bottom-left, bottom-right, and ``labels`` follows that quadrant order. With ``size`` given, each tile is
-    resized to ``size // 2`` before assembly (image bilinear, antialiased when shrinking, as
-    ``evaluation.data.synthetic_grids`` does; masks nearest), so ``generate_grid(rng, 128, size=128)`` is a
-    grid of half-scale 128-px scenes.
+    With the default ``num_objects=4``: four distinct classes are drawn first (without replacement), then one
+    single-object scene of each, ``tile`` pixels a side, is generated with :func:`generate_scene`'s renderer.
+    The scenes go top-left, top-right, bottom-left, bottom-right, and ``labels`` follows that quadrant order.
+    With ``size`` given, each tile is resized to ``size // 2`` before assembly (image bilinear, antialiased when
+    shrinking, as ``evaluation.data.synthetic_grids`` does; masks nearest), so ``generate_grid(rng, 128,
+    size=128)`` is a grid of half-scale 128-px scenes.
+
+    With ``num_objects`` below 4, that many quadrants (drawn at random after the classes) hold an object and
+    the others an object-free scene (background and distractors only); ``labels`` and ``masks`` then list the
+    occupied quadrants in quadrant order.
 
     Args:
         rng: the random generator; the grid is a deterministic function of its state.
         tile: side of each generated scene in pixels (at least :data:`MIN_SIZE`).
         size: side of the returned grid image, even and at least 2; ``None`` (default) means ``2 * tile``.
+        num_objects: number of quadrants holding an object, 1 to 4.
 
     Returns:
-        A scene of four objects: ``image`` ``(size, size, 3)``, ``labels`` the four distinct classes in quadrant
-        order, ``masks`` ``(4, size, size)`` with ``masks[k]`` the object of quadrant ``k`` placed in the full
-        grid (exact at ``size == 2 * tile``; nearest-resized otherwise, so inside its quadrant either way).
+        A scene of ``num_objects`` objects: ``image`` ``(size, size, 3)``, ``labels`` their distinct classes in
+        quadrant order, ``masks`` ``(num_objects, size, size)`` with ``masks[k]`` the object of ``labels[k]``
+        placed in the full grid (exact at ``size == 2 * tile``; nearest-resized otherwise, so inside its
+        quadrant either way).
 
     Raises:
-        ValueError: if ``tile`` is below :data:`MIN_SIZE` or ``size`` is odd or below 2.
+        ValueError: if ``tile`` is below :data:`MIN_SIZE`, ``size`` is odd or below 2, or ``num_objects`` is
+            outside [1, 4].
     """
     if tile < MIN_SIZE:
         raise ValueError(f"tile must be >= {MIN_SIZE}, got {tile}")
     out = 2 * tile if size is None else int(size)
     if out < 2 or out % 2:
         raise ValueError(f"size must be an even integer >= 2, got {size}")
+    if not 1 <= num_objects <= GRID_CELLS:
+        raise ValueError(f"num_objects must be in [1, {GRID_CELLS}], got {num_objects}")
     half = out // 2
-    labels = tuple(int(label) for label in rng.choice(len(CLASSES), size=GRID_CELLS, replace=False))
+    drawn = [int(label) for label in rng.choice(len(CLASSES), size=num_objects, replace=False)]
+    if num_objects < GRID_CELLS:
+        occupied = sorted(int(k) for k in rng.choice(GRID_CELLS, size=num_objects, replace=False))
+    else:
+        occupied = list(range(GRID_CELLS))
+    cell_labels = dict(zip(occupied, drawn, strict=True))
     image = np.empty((out, out, 3), dtype=np.uint8)
-    masks = np.zeros((GRID_CELLS, out, out), dtype=bool)
-    for k, label in enumerate(labels):
-        scene = _render(rng, tile, 1, labels=(label,))
+    masks = np.zeros((num_objects, out, out), dtype=bool)
+    for k in range(GRID_CELLS):
         top, left = (k // 2) * half, (k % 2) * half
-        image[top : top + half, left : left + half] = _resize_image(scene.image, half)
-        masks[k, top : top + half, left : left + half] = _resize_mask(scene.masks[0], half)
+        if k in cell_labels:
+            scene = _render(rng, tile, 1, labels=(cell_labels[k],))
+            image[top : top + half, left : left + half] = _resize_image(scene.image, half)
+            masks[occupied.index(k), top : top + half, left : left + half] = _resize_mask(scene.masks[0], half)
+        else:
+            canvas = _background(rng, tile)
+            _draw_distractors(rng, canvas)
+            image[top : top + half, left : left + half] = _resize_image(np.asarray(canvas), half)
+    labels = tuple(cell_labels[k] for k in occupied)
     return Scene(image=image, labels=labels, masks=masks)
 
 

@@ -203,6 +203,21 @@ def test_half_scale_grid_shrinks_the_full_scale_grid() -> None:
         assert abs(half.masks[k].sum() - full.masks[k].sum() / 4) <= 0.1 * full.masks[k].sum() / 4 + 8
 
 
+@pytest.mark.parametrize("num_objects", [1, 2, 3])
+def test_sparse_grid_puts_each_object_in_its_own_quadrant(num_objects: int) -> None:
+    rng = np.random.default_rng(num_objects)
+    for _ in range(6):
+        grid = generate_grid(rng, tile=64, size=128, num_objects=num_objects)
+        assert grid.masks.shape == (num_objects, 128, 128)
+        assert len(set(grid.labels)) == num_objects
+        quadrants = []
+        for mask in grid.masks:
+            hits = [k for k in range(4) if mask[_quadrant(128, k)].any()]
+            assert len(hits) == 1, "an object spans quadrants"
+            quadrants.append(hits[0])
+        assert quadrants == sorted(set(quadrants)), "labels and masks follow quadrant order"
+
+
 def test_grid_is_deterministic_per_seed() -> None:
     a = generate_grid(np.random.default_rng(21))
     b = generate_grid(np.random.default_rng(21))
@@ -219,7 +234,16 @@ def test_grid_labels_cover_all_classes_over_many_grids() -> None:
     assert seen == set(range(len(CLASSES)))
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"tile": 16}, "tile"), ({"size": 127}, "size"), ({"size": 0}, "size")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"tile": 16}, "tile"),
+        ({"size": 127}, "size"),
+        ({"size": 0}, "size"),
+        ({"num_objects": 0}, "num_objects"),
+        ({"num_objects": 5}, "num_objects"),
+    ],
+)
 def test_generate_grid_rejects_bad_arguments(kwargs: dict[str, int], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         generate_grid(np.random.default_rng(0), **kwargs)
@@ -275,3 +299,37 @@ def test_shipped_weights_classify_fresh_scenes() -> None:
         predicted = model(preprocess(np.stack([scene.image for scene in scenes]))).argmax(dim=1)
     truth = torch.tensor([scene.labels[0] for scene in scenes])
     assert (predicted == truth).float().mean().item() >= 0.9
+
+
+def test_training_set_mixes_plain_grid_and_zoomed_scenes() -> None:
+    from demo.train import TrainConfig, training_set
+
+    config = TrainConfig(train_scenes=20, grid_fraction=0.25, zoom_fraction=0.25, grid_max_objects=2)
+    images, targets, counts = training_set(config)
+    assert images.shape == (20, *INPUT_SIZE, 3)
+    assert counts["grid"] == 5
+    assert counts["zoomed"] == 5
+    assert sum(counts.values()) == 20
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    assert set(np.unique(targets)) <= {0.0, 0.5, 1.0}
+    again, _, _ = training_set(config)
+    np.testing.assert_array_equal(images, again)
+    with pytest.raises(ValueError, match="grid_fraction"):
+        TrainConfig(grid_fraction=0.7, zoom_fraction=0.5)
+
+
+def test_lafam_pointing_game_matches_evaluation_metrics() -> None:
+    import torch.nn.functional as F
+
+    from demo.train import _features, lafam_pointing_game
+    from evaluation import metrics
+
+    model = shapes_cnn()
+    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    model.eval()
+    scenes = generate_dataset(24, seed=77, two_object_fraction=0.0)
+    cam = _features(model, np.stack([scene.image for scene in scenes])).mean(dim=1, keepdim=True)
+    low, high = cam.amin(dim=(2, 3), keepdim=True), cam.amax(dim=(2, 3), keepdim=True)
+    cam = F.interpolate((cam - low) / (high - low), size=INPUT_SIZE, mode="nearest")[:, 0].double().numpy()
+    expected = np.mean([metrics.pointing_game(a, scene.masks[0]) for a, scene in zip(cam, scenes, strict=True)])
+    assert lafam_pointing_game(model, scenes)["any_max"] == pytest.approx(expected)
