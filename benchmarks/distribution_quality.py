@@ -7,7 +7,7 @@ we compare, per base (LRP, input × gradient):
 
 - the base attribution alone (no competition),
 - the exact attribution distribution (:func:`handlers.explain.distribution.explain`: K base maps, the
-  classes compete per pixel),
+  classes compete per pixel), with the served default ``normalize="max"`` and with the reference ``none``,
 - the fast variant (:func:`~handlers.explain.distribution.fast_lrp` /
   :func:`~handlers.explain.distribution.fast_input_x_gradient`: the classes compete at ``block3``, one
   pass to the pixels).
@@ -66,10 +66,18 @@ def _maps(
     """The target class's map for every variant."""
     return {
         "LRP alone": lrp.for_classes(x, classes[:, 0])[0],
-        "LRP distribution, exact": explain(model, x, lrp.for_classes, classes=classes).maps[0, 0],
+        "LRP distribution, exact": explain(model, x, lrp.for_classes, classes=classes, normalize="max").maps[0, 0],
+        "LRP distribution, exact, normalize=none (reference)": explain(model, x, lrp.for_classes, classes=classes).maps[
+            0, 0
+        ],
         "LRP distribution, fast": fast_lrp(model, lrp, x, LAYER, classes=classes).maps[0, 0],
         "input×gradient alone": ixg(x, classes[:, :1])[0, 0].detach(),
-        "input×gradient distribution, exact": explain(model, x, ixg, classes=classes).maps[0, 0].detach(),
+        "input×gradient distribution, exact": explain(model, x, ixg, classes=classes, normalize="max")
+        .maps[0, 0]
+        .detach(),
+        "input×gradient distribution, exact, normalize=none (reference)": explain(model, x, ixg, classes=classes)
+        .maps[0, 0]
+        .detach(),
         "input×gradient distribution, fast": fast_input_x_gradient(model, x, LAYER, classes=classes)
         .maps[0, 0]
         .detach(),
