@@ -10,7 +10,7 @@ we compare, per base (LRP, input × gradient):
   classes compete per pixel), with the served default ``normalize="max"`` and with the reference ``none``,
 - the fast variant (:func:`~handlers.explain.distribution.fast_lrp` /
   :func:`~handlers.explain.distribution.fast_input_x_gradient`: the classes compete at ``block3``, one
-  pass to the pixels).
+  pass to the pixels), at the served default ``normalize="max"`` (the layer-level Grad-CAM maps compete).
 
 Per map, over positive attribution: the share on the target object, the share on the OTHER object
 (what a class-specific map should drop), and target / (target + other). Also the Pearson correlation of
@@ -70,7 +70,7 @@ def _maps(
         "LRP distribution, exact, normalize=none (reference)": explain(model, x, lrp.for_classes, classes=classes).maps[
             0, 0
         ],
-        "LRP distribution, fast": fast_lrp(model, lrp, x, LAYER, classes=classes).maps[0, 0],
+        "LRP distribution, fast": fast_lrp(model, lrp, x, LAYER, classes=classes, normalize="max").maps[0, 0],
         "input×gradient alone": ixg(x, classes[:, :1])[0, 0].detach(),
         "input×gradient distribution, exact": explain(model, x, ixg, classes=classes, normalize="max")
         .maps[0, 0]
@@ -78,7 +78,7 @@ def _maps(
         "input×gradient distribution, exact, normalize=none (reference)": explain(model, x, ixg, classes=classes)
         .maps[0, 0]
         .detach(),
-        "input×gradient distribution, fast": fast_input_x_gradient(model, x, LAYER, classes=classes)
+        "input×gradient distribution, fast": fast_input_x_gradient(model, x, LAYER, classes=classes, normalize="max")
         .maps[0, 0]
         .detach(),
     }

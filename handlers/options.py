@@ -283,7 +283,7 @@ def parse_options(
             "temperature", raw.get("temperature", TEMPERATURE), _temperature, "in (0, 1e6] (paper: 10)"
         ),
         tau=_number("tau", raw.get("tau", TAU), lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.01)"),
-        normalize=_choice("normalize", raw["normalize"], NORMALIZE) if "normalize" in raw else method.normalize(base),
+        normalize=_choice("normalize", raw["normalize"], NORMALIZE) if "normalize" in raw else method.normalize(),
     )
 
 

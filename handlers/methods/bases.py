@@ -28,8 +28,6 @@ class BaseAttribution:
             with its distribution in the evaluation), or ``None``.
         build: ``build(engines, layer)`` → the base ``(x, classes) -> (N, K, h, w)``, from the engines built
             at worker start.
-        normalize: the default of the ``normalize`` option when this base's maps compete
-            (:data:`~handlers.explain.distribution.NORMALIZE`).
     """
 
     name: str
@@ -39,7 +37,6 @@ class BaseAttribution:
     at_layer: bool
     method: str | None
     build: Callable[[Engines, str], Base]
-    normalize: str = "max"
 
 
 BASES: dict[str, BaseAttribution] = {
@@ -53,7 +50,6 @@ BASES: dict[str, BaseAttribution] = {
             True,
             "gradcam",
             lambda engines, layer: engines.gradcam(layer),
-            normalize="none",  # layer-level maps on the logits' scale: the reference formula works as is
         ),
         BaseAttribution(
             "input_x_gradient",

@@ -12,8 +12,8 @@ class Distribution(Method):
     """Attribution distributions: K classes' base maps ``A_k`` compete at every location.
 
     ``M = softmax_k(T·|A_k| / s)``; class c keeps ``A_c ⊙ M_c`` only where ``M_c − 1/K > τ``; ``s`` is 1
-    (``normalize=none``, the reference) or the largest ``|A|`` of the image's K maps (``max``, the default
-    of the pixel-level bases, whose raw values are too small for T = 10). Walter, Vreeken and
+    (``normalize=none``, the reference) or the largest ``|A|`` of the image's K maps (``max``, the default:
+    raw LRP and input×gradient values, and Grad-CAM's on a token grid, are too small for T = 10). Walter, Vreeken and
     Fischer, "Now you see me! A framework for obtaining class-relevant saliency maps", arXiv:2503.07346
     (formula and defaults in :mod:`handlers.explain.distribution`). The least likely class competes but
     gets no map. Its cost grows with K when its base's does (one pass per class).

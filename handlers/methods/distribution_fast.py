@@ -11,7 +11,7 @@ class FastDistribution(Method):
     """Fast attribution distributions: the competition decided at the layer, one explanation of the target.
 
     ``M_t = softmax_k(T·|G_k|)[t] ⊙ 1[… − 1/K > τ]`` from the layer-level Grad-CAM maps ``G_k`` (closed form
-    decided at worker start; ``normalize`` defaults to Grad-CAM's), then ONE base pass for the target class t
+    decided at worker start), then ONE base pass for the target class t
     masked by ``M_t``: LRP relevance at the layer (:func:`handlers.explain.distribution.fast_lrp`) or input ×
     gradient with the upsampled mask (:func:`~handlers.explain.distribution.fast_input_x_gradient`). Idea from
     Walter et al., arXiv:2503.07346; its cost does not grow with K.
@@ -26,10 +26,6 @@ class FastDistribution(Method):
     default_classes = 2
     reads = ("layer", "classes", "top_classes", "least_likely", "base", "temperature", "tau", "normalize")
     bases = ("lrp", "input_x_gradient")
-
-    def normalize(self, base: str | None = None) -> str:
-        """Grad-CAM's: the layer-level Grad-CAM maps compete, whatever the base that draws the pixels."""
-        return super().normalize("gradcam")
 
     def explain(self, inputs: Inputs) -> Explanation:
         """One signed pixel map for the target ``(1, H, W)``; every competitor in ``competitors``."""

@@ -109,23 +109,21 @@ def confident_scenes(served: tuple[LafamHandler, FakeContext], count: int) -> li
 
 
 @pytest.mark.parametrize(
-    ("method", "base", "normalize"),
+    ("method", "base"),
     [
-        ("distribution", "gradcam", "none"),
-        ("distribution", "input_x_gradient", "max"),
-        ("distribution", "lrp", "max"),
-        ("distribution_fast", "lrp", "none"),
-        ("distribution_fast", "input_x_gradient", "none"),
+        ("distribution", "gradcam"),
+        ("distribution", "input_x_gradient"),
+        ("distribution", "lrp"),
+        ("distribution_fast", "lrp"),
+        ("distribution_fast", "input_x_gradient"),
     ],
 )
-def test_distributions_at_their_defaults_never_return_an_empty_map(
-    served, method: str, base: str, normalize: str
-) -> None:
+def test_distributions_at_their_defaults_never_return_an_empty_map(served, method: str, base: str) -> None:
     for image in confident_scenes(served, 8):
         status, body = explain_one(served, image, method=method, base=base, format="array")
         assert status == 200, body
         explanation = body["explanation"]
-        assert explanation["normalize"] == normalize  # the base's default, echoed
+        assert explanation["normalize"] == "max"  # the default of every base, echoed
         # The most likely class is explained; a runner-up of a one-object scene may rightly keep nothing.
         top = explanation["classes"][0]
         assert top["index"] == body["predictions"][0]["index"]
@@ -209,7 +207,7 @@ def test_every_method_answers_with_the_documented_schema(served, scene_png: byte
     if method in ("distribution", "distribution_fast"):
         assert explanation["base"] == ("gradcam" if method == "distribution" else "lrp")
         assert (explanation["temperature"], explanation["tau"]) == (10.0, 0.01)
-        assert explanation["normalize"] == "none"  # Grad-CAM's default (distribution_fast: Grad-CAM competes)
+        assert explanation["normalize"] == "max"  # the default of every base
         least = predictions[-1]["index"]
         assert explanation["competitors"] == [*top[:2], least]  # top-2 + the least likely, which gets no map
         assert least not in [c["index"] for c in classes]
