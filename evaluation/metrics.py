@@ -167,7 +167,8 @@ def pointing_game(saliency: ArrayLike, mask: ArrayLike, tolerance: int = 0) -> f
     pixels, else ``0`` (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016, who use a
     15 px tolerance). As in Quantus's ``PointingGame`` (``weighted=False``), when several pixels share the
     maximum, any one of them inside the mask is a hit; Quantus has no tolerance, so ``tolerance=0`` is its
-    definition.
+    definition. One departure: a flat map (every pixel equal, e.g. an empty class map) points nowhere and is a
+    miss, where Quantus counts its maximum as lying everywhere (a hit on any mask).
 
     Args:
         saliency: ``(H, W)`` map.
@@ -184,6 +185,8 @@ def pointing_game(saliency: ArrayLike, mask: ArrayLike, tolerance: int = 0) -> f
     m = _as_mask(mask, a.shape)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | np.integer) or tolerance < 0:
         raise ValueError(f"tolerance must be a non-negative integer number of pixels, got {tolerance!r}")
+    if a.max() == a.min():
+        return 0.0
     peaks = a == a.max()
     return float((peaks & _dilate(m, int(tolerance))).any())
 

@@ -56,7 +56,8 @@ def test_pointing_game_any_tied_maximum_counts() -> None:
     assert pointing_game(saliency, _mask((3, 0))) == 1.0
     assert pointing_game(saliency, _mask((0, 3))) == 1.0
     assert pointing_game(saliency, _mask((1, 1))) == 0.0
-    assert pointing_game(np.ones((4, 4)), _mask((2, 2))) == 1.0  # a constant map's maximum is everywhere
+    assert pointing_game(np.ones((4, 4)), _mask((2, 2))) == 0.0  # a flat (e.g. empty) map points nowhere
+    assert pointing_game(np.zeros((4, 4)), np.ones((4, 4), dtype=bool)) == 0.0
 
 
 def test_pointing_game_tolerance_is_a_euclidean_disk() -> None:
