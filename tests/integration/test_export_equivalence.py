@@ -109,7 +109,9 @@ CASES = [
         outputs=5,
     ),
     # the class token alone leaves the last block: the default is the block before it (export.models)
-    Case("vit", f"{THIS}:build_tiny_vit", expected_layers=("encoder.layers.encoder_layer_0",), input_size=(32, 32)),
+    Case(
+        "vit", f"{THIS}:build_tiny_vit", expected_layers=("encoder.layers.encoder_layer_0.mlp.1",), input_size=(32, 32)
+    ),
     Case(
         "vit_layers",
         f"{THIS}:build_tiny_vit",
@@ -117,7 +119,7 @@ CASES = [
         expected_layers=("encoder.layers.encoder_layer_1", "conv_proj"),
         input_size=(32, 32),
     ),
-    Case("swin", f"{THIS}:build_tiny_swin", expected_layers=("features",), input_size=(32, 48)),
+    Case("swin", f"{THIS}:build_tiny_swin", expected_layers=("features.3.0.mlp.1",), input_size=(32, 48)),
     Case(
         "embedding",
         "resnet18",

@@ -32,7 +32,8 @@ VIT_SIZE = (32, 32)
 SWIN_SIZE = (64, 64)
 CLASSES = 4
 LAST = "encoder.layers.encoder_layer_1"
-VIT_DEFAULT = "encoder.layers.encoder_layer_0"  # the class token alone leaves the last block: see find_default_layer
+VIT_BLOCK = "encoder.layers.encoder_layer_0"  # the class token alone leaves the last block: see find_default_layer
+VIT_DEFAULT = VIT_BLOCK + ".mlp.1"  # that block's MLP activation (GELU): non-negative, as LaFAM's channel mean wants
 
 
 def tiny_vit(num_classes: int = CLASSES) -> VisionTransformer:
@@ -100,13 +101,20 @@ def ask(service: LafamService, *, explain: bool = True, **options: Any) -> tuple
 # ---- the default layer ------------------------------------------------------------------------------------------
 
 
-def test_default_layer_of_a_vit_is_the_last_block_whose_patch_tokens_reach_the_head() -> None:
+def test_default_layer_of_a_vit_is_the_mlp_activation_of_the_last_block_whose_patch_tokens_reach_the_head() -> None:
     assert find_default_layer(tiny_vit(), VIT_SIZE) == VIT_DEFAULT
     assert find_default_layer(register_vit(), VIT_SIZE) == "vit." + VIT_DEFAULT
 
 
-def test_default_layer_of_swin_is_its_last_stage_before_the_final_norm() -> None:
-    assert find_default_layer(resolve_model("swin_t", num_classes=CLASSES), SWIN_SIZE) == "features"
+def test_default_layer_of_swin_is_the_mlp_activation_of_its_last_block() -> None:
+    assert find_default_layer(resolve_model("swin_t", num_classes=CLASSES), SWIN_SIZE) == "features.7.1.mlp.1"
+
+
+def test_a_transformer_block_without_an_activation_on_its_grid_is_taken_as_it_is() -> None:
+    model = tiny_vit()
+    for layer in model.encoder.layers:
+        layer.mlp[1] = nn.Identity()  # no activation module left in the blocks
+    assert find_default_layer(model, VIT_SIZE) == VIT_BLOCK
 
 
 def test_a_default_on_the_patch_embedding_is_refused() -> None:
@@ -148,7 +156,7 @@ def test_activation_model_names_why_a_token_output_is_no_grid() -> None:
 def test_gradcam_on_vit_tokens_falls_back_to_autograd_and_matches_the_definition() -> None:
     model = tiny_vit()
     x = torch.randn(2, 3, *VIT_SIZE, generator=torch.Generator().manual_seed(1))
-    cam = GradCAM(model, VIT_DEFAULT).decide(x)
+    cam = GradCAM(model, VIT_BLOCK).decide(x)
     assert cam.closed_form is False  # a LayerNorm after the layer, and a class-token head
     maps = cam(x, torch.tensor([[0, 3], [1, 2]]))
     assert maps.shape == (2, 2, 4, 4)
@@ -201,7 +209,7 @@ def vit_service(tmp_path_factory: pytest.TempPathFactory) -> LafamService:
     for backend, folder in folders.items():
         manifest = Manifest.load(folder)
         assert manifest.layers[0].name == VIT_DEFAULT, backend
-        assert (manifest.layers[0].layout, manifest.layers[0].shape) == ("tokens", (32, 4, 4))
+        assert (manifest.layers[0].layout, manifest.layers[0].shape) == ("tokens", (64, 4, 4))  # the MLP width
     return LafamService.from_folder(folders["onnx"])
 
 
