@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-fast bench soak eval lint format clean
+.PHONY: install demo test test-fast bench soak eval eval-vit lint format clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ soak: install
 eval: install
 	test -f model_store/shapes.mar || $(BIN)/python -c "from pathlib import Path; from demo.run import build_demo_archive; build_demo_archive(Path('out'), Path('model_store'))"
 	$(BIN)/lafam-serve eval --archive model_store/shapes.mar --out results/eval
+
+# The same evaluation of the demo ViT (demo/vit.py; a fixed 128x128 input, so its grids are resized to it).
+eval-vit: install
+	test -f model_store/shapes_vit.mar || $(BIN)/python -c "from pathlib import Path; from demo.vit import build_vit_archive; build_vit_archive(Path('out'), Path('model_store'))"
+	$(BIN)/lafam-serve eval --archive model_store/shapes_vit.mar --out results/eval_vit
 
 lint: install
 	$(BIN)/ruff check .

@@ -18,6 +18,12 @@ change, 150 steps at lr 1e-3 on half plain scenes and half augmented ones) four-
 pointing game on single-object scenes from 0.97 to 0.61 (the ``block3`` channel mean spread over the whole
 background), two-object grids only to 0.93, one-object grids to 0.94, zoomed-out scenes raised it to 0.98; a
 from-scratch run with 20 % four-object grids and 20 % zoomed-out scenes reached 0.86 (below the 0.95 target).
+
+The model-independent pieces are shared with :mod:`demo.train_vit` (the demo ViT): the settings common to both
+(:class:`SceneTrainConfig`), the training set (:func:`training_set`), the seeds, the weight-decay groups
+(:func:`parameter_groups`), the epoch loop (:func:`fit`), the held-out classification figures
+(:func:`heldout_classification`, :func:`heldout_grids`), the report's common keys (:func:`make_report`) and the
+command line (:func:`parse_config`, :func:`save`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import platform
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from demo.model import INPUT_SIZE, LAST_CONV_STAGE, MEAN, STAGE_CHANNELS, STAGES, STD, preprocess, shapes_cnn
-from demo.scenes import CLASSES, Scene, generate_dataset, generate_grid, generate_zoomed_scene
+from demo.scenes import CLASSES, GRID_CELLS, Scene, generate_dataset, generate_grid, generate_zoomed_scene
 
 SINGLE_EVAL_SEED_OFFSET = 10_000
 """Held-out single-object scenes use ``seed + SINGLE_EVAL_SEED_OFFSET``."""
@@ -60,34 +67,42 @@ GRID_TILE = 128
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training settings (all recorded in the JSON report).
+class SceneTrainConfig:
+    """Training settings shared by the demo models (all recorded in the JSON report); the defaults are the CNN's.
+
+    A model's config subclasses it, adds its own settings and may change the defaults; it extends ``LIMITS``, the
+    ``(name, low, high)`` ranges checked on construction, and overrides :meth:`grid_objects` when its training
+    grids may hold fewer than four objects.
 
     Attributes:
-        seed: seed of the training scenes, the initialisation and the batch order.
-        train_scenes: number of generated training scenes.
+        seed: seed of the training scenes, the initialisation, the batch order and the augmentation.
+        train_scenes: number of generated training images.
         two_object_fraction: share of two-object scenes among the plain (neither grid nor zoomed) training scenes.
         grid_fraction: share of training images that are 2x2 grids of half-scale scenes.
-        grid_max_objects: each training grid holds ``k ~ U{1..grid_max_objects}`` objects of distinct classes
-            (the other quadrants are object-free scenes); 1 to 4.
         zoom_fraction: share of training images that are zoomed-out single-object scenes.
         zoom_min: smallest shrink factor of a zoomed-out scene.
         zoom_max: largest shrink factor of a zoomed-out scene.
         epochs: passes over the training set.
-        batch_size: scenes per optimisation step.
-        lr: peak learning rate of the one-cycle schedule.
-        weight_decay: decoupled weight decay of the conv and linear weights (none on BN and biases).
+        batch_size: images per optimisation step.
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay of the weight matrices (see :func:`parameter_groups`).
         eval_single: number of held-out single-object scenes.
         eval_pairs: number of held-out two-object scenes.
-        eval_grids: number of held-out 2x2 grids (each evaluated at full and at half scale).
+        eval_grids: number of held-out 2x2 grids.
         threads: torch intra-op threads.
     """
+
+    LIMITS = (
+        *((name, 1, math.inf) for name in ("train_scenes", "epochs", "batch_size", "eval_single", "eval_pairs")),
+        *((name, 1, math.inf) for name in ("eval_grids", "threads")),
+        *((name, 0, 1) for name in ("two_object_fraction", "grid_fraction", "zoom_fraction")),
+        *((name, 0, math.inf) for name in ("lr", "weight_decay")),
+    )
 
     seed: int = 0
     train_scenes: int = 18_000
     two_object_fraction: float = 0.25
     grid_fraction: float = 0.1
-    grid_max_objects: int = 2
     zoom_fraction: float = 0.4
     zoom_min: float = 0.5
     zoom_max: float = 1.0
@@ -106,49 +121,50 @@ class TrainConfig:
         Raises:
             ValueError: naming the first setting that is out of range.
         """
-        for name in ("train_scenes", "epochs", "batch_size", "eval_single", "eval_pairs", "eval_grids", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("two_object_fraction", "grid_fraction", "zoom_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, low, high in self.LIMITS:
+            if not low <= getattr(self, name) <= high:
+                allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)}")
         if self.grid_fraction + self.zoom_fraction > 1.0:
             raise ValueError(
                 f"grid_fraction + zoom_fraction must be <= 1, got {self.grid_fraction} + {self.zoom_fraction}"
             )
-        if not 1 <= self.grid_max_objects <= 4:
-            raise ValueError(f"grid_max_objects must be in [1, 4], got {self.grid_max_objects}")
         if not 0.0 < self.zoom_min <= self.zoom_max <= 1.0:
             raise ValueError(
                 f"zoom_min, zoom_max must satisfy 0 < zoom_min <= zoom_max <= 1, got {self.zoom_min}, {self.zoom_max}"
             )
-        for name in ("lr", "weight_decay"):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def grid_objects(self) -> tuple[int, int]:
+        """Fewest and most objects in a training grid, drawn uniformly when they differ: four, always, here."""
+        return GRID_CELLS, GRID_CELLS
 
 
-def soft_targets(scenes: Sequence[Scene]) -> np.ndarray:
-    """Return ``(N, num_classes)`` float32 targets: each scene's objects share probability 1 equally.
+@dataclass(frozen=True)
+class TrainConfig(SceneTrainConfig):
+    """ShapesCNN training settings: :class:`SceneTrainConfig`'s, plus the objects per training grid.
 
-    Args:
-        scenes: the scenes.
-
-    Returns:
-        The target distributions (one-hot for single-object scenes, 0.5/0.5 for two-object scenes).
+    Attributes:
+        grid_max_objects: each training grid holds ``k ~ U{1..grid_max_objects}`` objects of distinct classes
+            (the other quadrants are object-free scenes); 1 to 4.
     """
-    targets = np.zeros((len(scenes), len(CLASSES)), dtype=np.float32)
-    for i, scene in enumerate(scenes):
-        targets[i, list(scene.labels)] = 1.0 / len(scene.labels)
-    return targets
+
+    LIMITS = (*SceneTrainConfig.LIMITS, ("grid_max_objects", 1, GRID_CELLS))
+
+    grid_max_objects: int = 2
+
+    def grid_objects(self) -> tuple[int, int]:
+        """Fewest and most objects in a training grid: 1 to ``grid_max_objects``."""
+        return 1, self.grid_max_objects
 
 
-def training_set(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Generate the training images and their soft targets.
+def training_set(config: SceneTrainConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Generate the training images and their soft targets (each image's objects share probability 1 equally).
 
-    ``round(n * grid_fraction)`` grids (seed ``seed + TRAIN_GRID_SEED_OFFSET``), ``round(n * zoom_fraction)``
-    zoomed-out single-object scenes (seed ``seed + TRAIN_ZOOM_SEED_OFFSET``) and the rest plain scenes from
-    :func:`generate_dataset` with ``seed`` and ``two_object_fraction`` (the same scenes as before for a given
-    count).
+    ``round(n * grid_fraction)`` grids ``generate_grid(rng, 128, size=128, num_objects=k)`` with ``k`` drawn
+    uniformly from ``config.grid_objects()`` (no draw when that range is one number; seed ``seed +
+    TRAIN_GRID_SEED_OFFSET``), ``round(n * zoom_fraction)`` zoomed-out single-object scenes (seed ``seed +
+    TRAIN_ZOOM_SEED_OFFSET``) and the rest plain scenes from :func:`generate_dataset` with ``seed`` and
+    ``two_object_fraction`` (the same scenes as before for a given count).
 
     Args:
         config: the settings.
@@ -169,9 +185,10 @@ def training_set(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict[str,
 
     for i, scene in enumerate(generate_dataset(n_plain, config.seed, size, config.two_object_fraction)):
         put(i, scene)
+    fewest, most = config.grid_objects()
     grid_rng = np.random.default_rng(config.seed + TRAIN_GRID_SEED_OFFSET)
     for i in range(n_grid):
-        objects = int(grid_rng.integers(1, config.grid_max_objects + 1))
+        objects = fewest if fewest == most else int(grid_rng.integers(fewest, most + 1))
         put(n_plain + i, generate_grid(grid_rng, tile=GRID_TILE, size=size, num_objects=objects))
     zoom_rng = np.random.default_rng(config.seed + TRAIN_ZOOM_SEED_OFFSET)
     for i in range(n_zoom):
@@ -192,6 +209,110 @@ def _augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     if rng.random() < 0.5:
         batch = torch.flip(batch, dims=(3,))
     return batch
+
+
+def parameter_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``weight_decay`` on the weight matrices, none on the rest.
+
+    Matrices are the parameters of two or more dimensions (linear and convolution weights) except a ViT's
+    position embedding and class token; biases, norms, the position embedding and the class token go in the
+    second group.
+
+    Args:
+        modules: the modules trained together (their parameters in this order).
+        weight_decay: decoupled weight decay of the matrices.
+
+    Returns:
+        ``[{"params": matrices, "weight_decay": weight_decay}, {"params": the rest, "weight_decay": 0.0}]``.
+    """
+    decay, no_decay = [], []
+    for module in modules:
+        for name, parameter in module.named_parameters():
+            is_matrix = parameter.ndim > 1 and "pos_embedding" not in name and name != "class_token"
+            (decay if is_matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def training_data(config: SceneTrainConfig) -> tuple[np.ndarray, torch.Tensor, dict[str, int], np.random.Generator]:
+    """Set torch's threads and seed, then generate the training set.
+
+    Args:
+        config: the settings.
+
+    Returns:
+        ``(images, targets, counts)`` of :func:`training_set` (targets as a tensor), then the random generator of
+        the batch order and the augmentation (seeded with ``seed``).
+    """
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    images, targets, counts = training_set(config)
+    return images, torch.from_numpy(targets), counts, rng
+
+
+Step = Callable[[torch.Tensor, np.ndarray, int], tuple[torch.Tensor, dict[str, float]]]
+"""``step(batch, index, number)``: one optimisation step on ``batch``, the preprocessed (not yet augmented)
+training rows ``index`` (sorted), the ``number``-th step of the run (from 0); returns the batch's logits and its
+losses by name (batch means, as floats)."""
+
+
+def fit(
+    model: nn.Module,
+    images: np.ndarray,
+    targets: torch.Tensor,
+    config: SceneTrainConfig,
+    *,
+    rng: np.random.Generator,
+    step: Step,
+    after_epoch: Callable[[], dict[str, float]] | None = None,
+    log: bool = False,
+    started: float | None = None,
+) -> list[dict[str, float]]:
+    """Run ``config.epochs`` passes over the training set, each in a fresh random order, in batches.
+
+    Each epoch draws its order with ``rng.permutation`` and calls ``step`` on ``len(targets) // batch_size``
+    batches (the rest of the order is left out that epoch), with the model in training mode.
+
+    Args:
+        model: the model, put in training mode at the start of every epoch.
+        images: ``(N, H, W, 3)`` uint8 training images.
+        targets: ``(N, num_classes)`` soft targets of the training set (``train_top1`` counts one-hot rows only).
+        config: the settings (epochs, batch size).
+        rng: the generator of the batch order.
+        step: one optimisation step, see :data:`Step`.
+        after_epoch: returns extra figures for the epoch's history entry (e.g. a validation accuracy).
+        log: print each epoch's entry to stdout.
+        started: ``time.perf_counter()`` at the start of the run, for the logged elapsed time (default: now).
+
+    Returns:
+        One entry per epoch: ``epoch``, each loss averaged over the epoch, ``train_top1``, then ``after_epoch``'s.
+    """
+    started = time.perf_counter() if started is None else started
+    one_hot = targets.amax(dim=1) == 1.0
+    steps_per_epoch = len(targets) // config.batch_size
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        order = rng.permutation(len(targets))
+        sums: dict[str, float] = {}
+        correct, seen, seen_one_hot = 0, 0, 0
+        for batch in range(steps_per_epoch):
+            index = np.sort(order[batch * config.batch_size : (batch + 1) * config.batch_size])
+            logits, losses = step(preprocess(images[index]), index, epoch * steps_per_epoch + batch)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value * len(index)
+            single = one_hot[index]
+            correct += int((logits.argmax(1) == targets[index].argmax(1))[single].sum())
+            seen += len(index)
+            seen_one_hot += int(single.sum())
+        entry: dict[str, float] = {"epoch": epoch + 1, **{name: total / seen for name, total in sums.items()}}
+        entry["train_top1"] = correct / max(seen_one_hot, 1)
+        entry.update(after_epoch() if after_epoch is not None else {})
+        history.append(entry)
+        if log:
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in entry.items() if key not in ("epoch", "elapsed_s"))
+            print(f"epoch {epoch + 1}/{config.epochs}: {shown}, {time.perf_counter() - started:.0f} s", flush=True)
+    return history
 
 
 @torch.no_grad()
@@ -237,24 +358,24 @@ def single_object_accuracy(model: nn.Module, scenes: Sequence[Scene]) -> tuple[f
     return float(np.mean(predicted == truth)), per_class
 
 
-def both_in_top2_rate(model: nn.Module, scenes: Sequence[Scene]) -> float:
-    """Share of two-object scenes whose two classes are exactly the model's top-2 predictions.
+def top_k_rate(model: nn.Module, scenes: Sequence[Scene], k: int) -> float:
+    """Share of ``k``-object scenes whose ``k`` classes are exactly the model's top-``k`` predictions.
 
     Args:
         model: the classifier.
-        scenes: two-object scenes.
+        scenes: ``k``-object scenes (two-object scenes, four-object grids), all of one size.
+        k: objects per scene.
 
     Returns:
         The rate, in [0, 1].
 
     Raises:
-        ValueError: if ``scenes`` is empty or holds a scene with other than two objects.
+        ValueError: if ``scenes`` is empty or holds a scene with other than ``k`` objects.
     """
-    if not scenes or any(len(scene.labels) != 2 for scene in scenes):
-        raise ValueError("scenes must be a non-empty list of two-object scenes")
-    top2 = predict_logits(model, scenes).topk(2, dim=1).indices.numpy()
-    hits = [set(row.tolist()) == set(scene.labels) for row, scene in zip(top2, scenes, strict=True)]
-    return float(np.mean(hits))
+    if not scenes or any(len(scene.labels) != k for scene in scenes):
+        raise ValueError(f"scenes must be a non-empty list of {k}-object scenes")
+    top = predict_logits(model, scenes).topk(k, dim=1).indices.tolist()
+    return float(np.mean([set(row) == set(scene.labels) for row, scene in zip(top, scenes, strict=True)]))
 
 
 @torch.no_grad()
@@ -354,6 +475,48 @@ def lafam_pointing_game(model: nn.Module, scenes: Sequence[Scene], batch_size: i
     return {"any_max": float(np.mean(any_hits)), "argmax": float(np.mean(argmax_hits))}
 
 
+def heldout_classification(model: nn.Module, config: SceneTrainConfig) -> tuple[dict[str, Any], list[Scene]]:
+    """Held-out single-object top-1 and two-object top-2 figures (seeds ``seed + *_EVAL_SEED_OFFSET``).
+
+    Args:
+        model: the classifier (eval mode).
+        config: the settings (seed and held-out counts).
+
+    Returns:
+        The first keys of the report's ``heldout`` section, and the single-object scenes (for further figures).
+    """
+    size = INPUT_SIZE[0]
+    single_seed = config.seed + SINGLE_EVAL_SEED_OFFSET
+    pair_seed = config.seed + PAIR_EVAL_SEED_OFFSET
+    single = generate_dataset(config.eval_single, single_seed, size=size, two_object_fraction=0.0)
+    pairs = generate_dataset(config.eval_pairs, pair_seed, size=size, two_object_fraction=1.0)
+    top1, per_class = single_object_accuracy(model, single)
+    figures = {
+        "single_object_top1": top1,
+        "single_object_top1_per_class": per_class,
+        "single_object_scenes": config.eval_single,
+        "single_object_seed": single_seed,
+        "two_object_both_in_top2": top_k_rate(model, pairs, 2),
+        "two_object_scenes": config.eval_pairs,
+        "two_object_seed": pair_seed,
+    }
+    return figures, single
+
+
+def heldout_grids(config: SceneTrainConfig, size: int | None = None) -> list[Scene]:
+    """The held-out 2x2 grids: ``generate_grid(default_rng(seed + GRID_EVAL_SEED_OFFSET), 128, size)``.
+
+    Args:
+        config: the settings (seed and ``eval_grids``).
+        size: side of the grids (``None``: full scale, ``2 * GRID_TILE``); the same grids at every size.
+
+    Returns:
+        ``config.eval_grids`` four-object grids.
+    """
+    rng = np.random.default_rng(config.seed + GRID_EVAL_SEED_OFFSET)
+    return [generate_grid(rng, tile=GRID_TILE, size=size) for _ in range(config.eval_grids)]
+
+
 def heldout_figures(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     """Evaluate the model on freshly generated held-out scenes (seeds ``seed + *_EVAL_SEED_OFFSET``).
 
@@ -365,28 +528,14 @@ def heldout_figures(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         The ``heldout`` section of the report.
     """
     size = INPUT_SIZE[0]
-    single_seed = config.seed + SINGLE_EVAL_SEED_OFFSET
-    pair_seed = config.seed + PAIR_EVAL_SEED_OFFSET
-    grid_seed = config.seed + GRID_EVAL_SEED_OFFSET
-    single = generate_dataset(config.eval_single, single_seed, size=size, two_object_fraction=0.0)
-    pairs = generate_dataset(config.eval_pairs, pair_seed, size=size, two_object_fraction=1.0)
-    top1, per_class = single_object_accuracy(model, single)
-    top2 = both_in_top2_rate(model, pairs)
+    figures, single = heldout_classification(model, config)
     pointing = lafam_pointing_game(model, single)
-    grid_rng = np.random.default_rng(grid_seed)
-    full_grids = [generate_grid(grid_rng, tile=GRID_TILE) for _ in range(config.eval_grids)]
-    grid_rng = np.random.default_rng(grid_seed)
-    half_grids = [generate_grid(grid_rng, tile=GRID_TILE, size=GRID_TILE) for _ in range(config.eval_grids)]
-    full = grid_rates(model, full_grids)
-    half = grid_rates(model, half_grids)
+    full = grid_rates(model, heldout_grids(config))
+    half = grid_rates(model, heldout_grids(config, GRID_TILE))
+    single_seed = figures["single_object_seed"]
+    grid_seed = config.seed + GRID_EVAL_SEED_OFFSET
     return {
-        "single_object_top1": top1,
-        "single_object_top1_per_class": per_class,
-        "single_object_scenes": config.eval_single,
-        "single_object_seed": single_seed,
-        "two_object_both_in_top2": top2,
-        "two_object_scenes": config.eval_pairs,
-        "two_object_seed": pair_seed,
+        **figures,
         "lafam_pointing_game": pointing["any_max"],
         "lafam_pointing_game_argmax_pixel": pointing["argmax"],
         "lafam_pointing_game_scenes": config.eval_single,
@@ -412,6 +561,54 @@ def heldout_figures(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     }
 
 
+def make_report(
+    model: nn.Module,
+    *,
+    header: dict[str, Any],
+    architecture: dict[str, Any],
+    heldout: dict[str, Any],
+    training: dict[str, Any],
+    started: float,
+    generation_s: float,
+    training_s: float,
+) -> dict[str, Any]:
+    """Assemble the JSON report: the model's own keys around the keys every demo model's report has.
+
+    Args:
+        model: the trained model (its parameters are counted).
+        header: the first keys (``model``, ...).
+        architecture: the keys that describe the architecture, after the preprocessing constants.
+        heldout: the ``heldout`` section.
+        training: the ``training`` section.
+        started: ``time.perf_counter()`` at the start of the run (the wall time is counted up to now).
+        generation_s: seconds spent generating the data.
+        training_s: seconds up to the end of the training.
+
+    Returns:
+        The report (without the weights file's name and size, which :func:`save` adds).
+    """
+    wall_s = time.perf_counter() - started
+    return {
+        **header,
+        "classes": list(CLASSES),
+        "input_size": list(INPUT_SIZE),
+        "mean": list(MEAN),
+        "std": list(STD),
+        **architecture,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout": heldout,
+        "training": training,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "device": "cpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "generation_s": round(generation_s, 1),
+        "training_s": round(training_s, 1),
+        "wall_time_s": round(wall_s, 1),
+    }
+
+
 def train(config: TrainConfig, log: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Generate the data, train a fresh model and evaluate it on held-out scenes.
 
@@ -423,188 +620,142 @@ def train(config: TrainConfig, log: bool = False) -> tuple[nn.Module, dict[str, 
         The trained model (eval mode, contiguous float32 weights) and the report written beside the weights.
     """
     started = time.perf_counter()
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-
-    images, target_array, counts = training_set(config)
-    targets = torch.from_numpy(target_array)
-    one_hot = targets.amax(dim=1) == 1.0
+    images, targets, counts, rng = training_data(config)
     generation_s = time.perf_counter() - started
     if log:
-        print(f"generated {len(images)} training scenes in {generation_s:.1f} s")
+        print(f"generated {len(images)} training scenes in {generation_s:.1f} s", flush=True)
 
     model = shapes_cnn(len(CLASSES)).to(memory_format=torch.channels_last)
-    decay = [p for name, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for name, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
-    steps_per_epoch = len(images) // config.batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
-    )
+    optimizer = torch.optim.AdamW(parameter_groups([model], config.weight_decay), lr=config.lr)
+    total_steps = config.epochs * (len(images) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.1)
 
-    history = []
-    for epoch in range(config.epochs):
-        model.train()
-        order = rng.permutation(len(images))
-        loss_sum, correct, seen, seen_one_hot = 0.0, 0, 0, 0
-        for step in range(steps_per_epoch):
-            index = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
-            batch = _augment(preprocess(images[index]), rng).contiguous(memory_format=torch.channels_last)
-            target = targets[index]
-            logits = model(batch)
-            loss = F.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(index)
-            single = one_hot[index]
-            correct += int((logits.argmax(1) == target.argmax(1))[single].sum())
-            seen += len(index)
-            seen_one_hot += int(single.sum())
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / max(seen_one_hot, 1)})
-        if log:
-            elapsed = time.perf_counter() - started
-            print(
-                f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, "
-                f"train top-1 (one-hot rows) {correct / max(seen_one_hot, 1):.4f}, {elapsed:.0f} s"
-            )
+    def step(batch: torch.Tensor, index: np.ndarray, _number: int) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(_augment(batch, rng).contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits, targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return logits, {"loss": loss.item()}
+
+    history = fit(model, images, targets, config, rng=rng, step=step, log=log, started=started)
     del images
 
     model = model.to(memory_format=torch.contiguous_format).float().eval()
     training_s = time.perf_counter() - started
-    heldout = heldout_figures(model, config)
-    wall_s = time.perf_counter() - started
-
-    report: dict[str, Any] = {
-        "model": "ShapesCNN",
-        "classes": list(CLASSES),
-        "input_size": list(INPUT_SIZE),
-        "mean": list(MEAN),
-        "std": list(STD),
-        "stages": dict(zip(STAGES, STAGE_CHANNELS, strict=True)),
-        "last_conv_stage": LAST_CONV_STAGE,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "heldout": heldout,
-        "training": {
-            **asdict(config),
-            "optimizer": "AdamW, no weight decay on BN and biases",
-            "schedule": "OneCycleLR, pct_start=0.1",
-            "loss": "cross-entropy on soft targets (one-hot; 0.5/0.5 for two-object scenes; 1/k for k-object grids)",
-            "augmentation": "random quarter turn and horizontal flip per batch",
-            "scale_augmentation": {
-                "grids": (
-                    f"grid_fraction of the images: generate_grid(rng, tile={GRID_TILE}, size={INPUT_SIZE[0]}, "
-                    "num_objects=k), k ~ U{1..grid_max_objects}: a 2x2 grid of "
-                    f"{GRID_TILE}-px scenes each shrunk (bilinear) to {INPUT_SIZE[0] // 2} px, k quadrants holding "
-                    "one object each (distinct classes), the others object-free; soft target 1/k on each class"
-                ),
-                "grid_seed": config.seed + TRAIN_GRID_SEED_OFFSET,
-                "zoomed": (
-                    f"zoom_fraction of the images: generate_zoomed_scene(rng, {INPUT_SIZE[0]}, "
-                    "(zoom_min, zoom_max)), a single-object scene shrunk by f ~ U(zoom_min, zoom_max) and pasted "
-                    "at a random place on a fresh background with distractors; one-hot target"
-                ),
-                "zoom_seed": config.seed + TRAIN_ZOOM_SEED_OFFSET,
-                "plain": "the rest: generate_dataset(n_plain, seed, two_object_fraction), as before",
-                "counts": counts,
-            },
-            "train_top1": "on one-hot rows (single-object, plain or zoomed) only",
-            "steps": config.epochs * steps_per_epoch,
-            "history": history,
+    training = {
+        **asdict(config),
+        "optimizer": "AdamW, no weight decay on BN and biases",
+        "schedule": "OneCycleLR, pct_start=0.1",
+        "loss": "cross-entropy on soft targets (one-hot; 0.5/0.5 for two-object scenes; 1/k for k-object grids)",
+        "augmentation": "random quarter turn and horizontal flip per batch",
+        "scale_augmentation": {
+            "grids": (
+                f"grid_fraction of the images: generate_grid(rng, tile={GRID_TILE}, size={INPUT_SIZE[0]}, "
+                "num_objects=k), k ~ U{1..grid_max_objects}: a 2x2 grid of "
+                f"{GRID_TILE}-px scenes each shrunk (bilinear) to {INPUT_SIZE[0] // 2} px, k quadrants holding "
+                "one object each (distinct classes), the others object-free; soft target 1/k on each class"
+            ),
+            "grid_seed": config.seed + TRAIN_GRID_SEED_OFFSET,
+            "zoomed": (
+                f"zoom_fraction of the images: generate_zoomed_scene(rng, {INPUT_SIZE[0]}, "
+                "(zoom_min, zoom_max)), a single-object scene shrunk by f ~ U(zoom_min, zoom_max) and pasted "
+                "at a random place on a fresh background with distractors; one-hot target"
+            ),
+            "zoom_seed": config.seed + TRAIN_ZOOM_SEED_OFFSET,
+            "plain": "the rest: generate_dataset(n_plain, seed, two_object_fraction), as before",
+            "counts": counts,
         },
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "python_version": platform.python_version(),
-        "device": "cpu",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "generation_s": round(generation_s, 1),
-        "training_s": round(training_s, 1),
-        "wall_time_s": round(wall_s, 1),
+        "train_top1": "on one-hot rows (single-object, plain or zoomed) only",
+        "steps": total_steps,
+        "history": history,
     }
+    report = make_report(
+        model,
+        header={"model": "ShapesCNN"},
+        architecture={"stages": dict(zip(STAGES, STAGE_CHANNELS, strict=True)), "last_conv_stage": LAST_CONV_STAGE},
+        heldout=heldout_figures(model, config),
+        training=training,
+        started=started,
+        generation_s=generation_s,
+        training_s=training_s,
+    )
     return model, report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point: ``python -m demo.train --out demo/weights/shapes_cnn.pt``."""
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description="Train the demo ShapesCNN on generated scenes (CPU).")
+ConfigT = TypeVar("ConfigT", bound=SceneTrainConfig)
+
+OPTION_HELP = {
+    "two_object_fraction": "share of two-object scenes among the plain scenes",
+    "grid_fraction": "share of 2x2 grids of half-scale scenes (soft targets 1/k over their k objects)",
+    "grid_max_objects": "objects per training grid are drawn from 1..this (other quadrants object-free)",
+    "zoom_fraction": "share of zoomed-out single-object scenes",
+    "zoom_min": "smallest zoom-out factor",
+    "zoom_max": "largest zoom-out factor",
+}
+"""Help of the command-line options that have one (the others are named after their setting)."""
+
+
+def parse_config(
+    config_type: type[ConfigT], description: str, argv: Sequence[str] | None = None
+) -> tuple[Path, ConfigT]:
+    """Parse ``--out`` and one option per setting of ``config_type`` (``--train-scenes`` for ``train_scenes``).
+
+    Args:
+        config_type: the settings class; its defaults are the options' defaults, their types the options' types.
+        description: the command's description.
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        ``(weights path, settings)``; a setting out of range exits with argparse's usage error.
+    """
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, type=Path, help="state_dict output (.pt); the report goes beside it")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--train-scenes", type=int, default=defaults.train_scenes)
-    parser.add_argument(
-        "--two-object-fraction",
-        type=float,
-        default=defaults.two_object_fraction,
-        help="share of two-object scenes among the plain scenes",
-    )
-    parser.add_argument(
-        "--grid-fraction",
-        type=float,
-        default=defaults.grid_fraction,
-        help="share of 2x2 grids of half-scale scenes (soft targets 1/k over their k objects)",
-    )
-    parser.add_argument(
-        "--grid-max-objects",
-        type=int,
-        default=defaults.grid_max_objects,
-        help="objects per training grid are drawn from 1..this (other quadrants object-free)",
-    )
-    parser.add_argument(
-        "--zoom-fraction",
-        type=float,
-        default=defaults.zoom_fraction,
-        help="share of zoomed-out single-object scenes",
-    )
-    parser.add_argument("--zoom-min", type=float, default=defaults.zoom_min, help="smallest zoom-out factor")
-    parser.add_argument("--zoom-max", type=float, default=defaults.zoom_max, help="largest zoom-out factor")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--eval-single", type=int, default=defaults.eval_single)
-    parser.add_argument("--eval-pairs", type=int, default=defaults.eval_pairs)
-    parser.add_argument("--eval-grids", type=int, default=defaults.eval_grids)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    settings = fields(config_type)
+    for setting in settings:
+        option = f"--{setting.name.replace('_', '-')}"
+        parser.add_argument(
+            option, type=type(setting.default), default=setting.default, help=OPTION_HELP.get(setting.name)
+        )
     args = parser.parse_args(argv)
     try:
-        config = TrainConfig(
-            seed=args.seed,
-            train_scenes=args.train_scenes,
-            two_object_fraction=args.two_object_fraction,
-            grid_fraction=args.grid_fraction,
-            grid_max_objects=args.grid_max_objects,
-            zoom_fraction=args.zoom_fraction,
-            zoom_min=args.zoom_min,
-            zoom_max=args.zoom_max,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            eval_single=args.eval_single,
-            eval_pairs=args.eval_pairs,
-            eval_grids=args.eval_grids,
-            threads=args.threads,
-        )
+        config = config_type(**{setting.name: getattr(args, setting.name) for setting in settings})
     except ValueError as error:
         parser.error(str(error))
+    return args.out, config
 
-    model, report = train(config, log=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+def save(model: nn.Module, report: dict[str, Any], out: Path) -> Path:
+    """Write the model's ``state_dict`` to ``out`` (floating tensors as float32) and the report beside it.
+
+    Args:
+        model: the trained model.
+        report: the report; ``weights_file`` and ``weights_bytes`` are added to it.
+        out: the ``.pt`` path; the report goes to the same path with suffix ``.json``.
+
+    Returns:
+        The report's path.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
     # Floating tensors as float32; BN's integer num_batches_tracked keeps its dtype.
     state = {
         name: tensor.detach().clone().float() if tensor.is_floating_point() else tensor.detach().clone()
         for name, tensor in model.state_dict().items()
     }
-    torch.save(state, args.out)
-    report["weights_file"] = args.out.name
-    report["weights_bytes"] = args.out.stat().st_size
-    report_path = args.out.with_suffix(".json")
+    torch.save(state, out)
+    report["weights_file"] = out.name
+    report["weights_bytes"] = out.stat().st_size
+    report_path = out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line entry point: ``python -m demo.train --out demo/weights/shapes_cnn.pt``."""
+    out, config = parse_config(TrainConfig, "Train the demo ShapesCNN on generated scenes (CPU).", argv)
+    model, report = train(config, log=True)
+    report_path = save(model, report, out)
     heldout = report["heldout"]
     print(
         f"held-out single-object top-1 {heldout['single_object_top1']:.4f} ({config.eval_single} scenes), "
@@ -612,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"LaFAM pointing game {heldout['lafam_pointing_game']:.4f}, "
         f"grid top-4 full scale {heldout['grid_full_scale_top4']:.4f} / half scale "
         f"{heldout['grid_half_scale_top4']:.4f} ({config.eval_grids} grids), "
-        f"wall time {report['wall_time_s']:.0f} s; wrote {args.out} and {report_path}"
+        f"wall time {report['wall_time_s']:.0f} s; wrote {out} and {report_path}"
     )
 
 
