@@ -1,6 +1,6 @@
-"""Every explanation method on every torchvision CNN family, through the serving code: does it run, how long.
+"""Every explanation method on every torchvision family (CNNs, ViT, Swin), through the serving code: runs? how long?
 
-For each torchvision convolutional classification family (:data:`FAMILIES`) the model is built with random,
+For each torchvision classification family (:data:`FAMILIES`) the model is built with random,
 seeded weights (``torch.manual_seed(0)``, 1000 classes, the builder's own defaults, so GoogLeNet and
 Inception v3 keep their auxiliary heads), its batch norms calibrated on random images (running statistics
 reset, then one train-mode forward of 4 seeded images; biases and shifts kept, so it is an ordinary model,
@@ -96,8 +96,10 @@ FAMILIES: dict[str, int] = {
     "regnet_x_400mf": 224,
     "regnet_y_400mf": 224,
     "convnext_tiny": 224,
+    "vit_b_16": 224,
+    "swin_t": 224,
 }
-"""One model per torchvision convolutional classification family, with its input side."""
+"""One model per torchvision classification family (convolutional, then transformers), with its input side."""
 
 QUICK_FAMILIES: tuple[str, ...] = ("resnet50", "mobilenet_v3_large", "shufflenet_v2_x1_0")
 """``--quick``: residual sums; Hardswish and squeeze-excitation gates; channel split and shuffle."""
@@ -180,6 +182,9 @@ def build(family: str, side: int) -> nn.Module:
     with warnings.catch_warnings():  # GoogLeNet/Inception: "the default weight initialization will change"
         warnings.simplefilter("ignore", (UserWarning, FutureWarning))
         model = build_architecture(family, NUM_CLASSES)
+    for module in model.modules():  # torchvision's ViT head starts at zero: no gradient would reach the image
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02)
     return calibrate_batch_norms(model, side)
 
 
@@ -359,7 +364,7 @@ def report(rows: Sequence[Row], cols: Sequence[Column], settings: argparse.Names
         versions += f", onnxruntime {package_version('onnxruntime')}"
     runs = "one request per cell" if settings.quick else "median of 3 requests after one warm-up"
     lines = [
-        "## Every method on every torchvision CNN family (random weights, through the serving code)",
+        "## Every method on every torchvision family (random weights, through the serving code)",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu_name()} ({platform.machine()}), "
         f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, no GPU; {versions}; "
