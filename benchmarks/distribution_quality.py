@@ -1,6 +1,6 @@
 """Does the fast attribution distribution keep the exact one's quality? Measured on two-object demo scenes.
 
-On generated scenes with two objects of different classes (exact masks, :mod:`demo.scenes`) and the
+On generated scenes with two objects of different classes (exact masks, :mod:`scenes.synthetic`) and the
 shipped demo model, each scene's two classes compete together with the least likely class (K = 3, the
 paper's set-up with the true classes instead of the top two). For the first object's class (the target)
 we compare, per base (LRP, input × gradient):
@@ -34,10 +34,10 @@ import torch
 from benchmarks._report import section, write_section
 from demo import model as demo_model
 from demo.run import WEIGHTS
-from demo.scenes import generate_scene
 from handlers.explain.distribution import explain, fast_input_x_gradient, fast_lrp
 from handlers.explain.gradients import InputXGradient
 from handlers.explain.lrp import LRP
+from scenes.synthetic import generate_scene
 
 START_MARKER = "<!-- distribution_quality:start -->"
 END_MARKER = "<!-- distribution_quality:end -->"

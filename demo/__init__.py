@@ -1,1 +1,1 @@
-"""The project's own demo: synthetic shape scenes, a small CNN trained on them, and its training script."""
+"""The project's own demo: a small CNN (and ViT) trained on :mod:`scenes`, their training scripts and weights."""

@@ -7,10 +7,10 @@ seeds), and writes the float32 ``state_dict`` to ``--out`` and a JSON report bes
 
 Scale augmentation, so that objects at half scale (as in the evaluation's 2x2 grids of 128-px scenes shrunk
 to 64 px) are in distribution: a share ``grid_fraction`` of the training images are 2x2 grids of half-scale
-scenes (:func:`demo.scenes.generate_grid` with ``tile=128, size=128``) in which 1 to ``grid_max_objects``
+scenes (:func:`scenes.synthetic.generate_grid` with ``tile=128, size=128``) in which 1 to ``grid_max_objects``
 quadrants, drawn uniformly, hold an object of a distinct class and the others an object-free scene (soft
 target ``1/k`` on each of the ``k`` classes), and a share ``zoom_fraction`` are single-object scenes shrunk by a
-factor in ``[zoom_min, zoom_max]`` and pasted onto a fresh background (:func:`demo.scenes.generate_zoomed_scene`,
+factor in ``[zoom_min, zoom_max]`` and pasted onto a fresh background (:func:`scenes.synthetic.generate_zoomed_scene`,
 one-hot target). The rest are plain scenes as before.
 
 Why not full four-object grids with 0.25 soft targets: in a fine-tuning probe (the shipped model before this
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from demo.model import INPUT_SIZE, LAST_CONV_STAGE, MEAN, STAGE_CHANNELS, STAGES, STD, preprocess, shapes_cnn
-from demo.scenes import CLASSES, GRID_CELLS, Scene, generate_dataset, generate_grid, generate_zoomed_scene
+from scenes.synthetic import CLASSES, GRID_CELLS, Scene, generate_dataset, generate_grid, generate_zoomed_scene
 
 SINGLE_EVAL_SEED_OFFSET = 10_000
 """Held-out single-object scenes use ``seed + SINGLE_EVAL_SEED_OFFSET``."""
@@ -407,7 +407,7 @@ def grid_rates(model: nn.Module, grids: Sequence[Scene], batch_size: int = 64) -
 
     Args:
         model: the classifier (eval mode).
-        grids: grids of :func:`demo.scenes.generate_grid`, all of one size, side a multiple of 32.
+        grids: grids of :func:`scenes.synthetic.generate_grid`, all of one size, side a multiple of 32.
         batch_size: grids per forward pass.
 
     Returns:

@@ -38,7 +38,6 @@ from torchvision.models import VisionTransformer
 
 from demo import vit
 from demo.model import INPUT_SIZE
-from demo.scenes import CLASSES, generate_dataset
 from demo.train import (
     GRID_EVAL_SEED_OFFSET,
     GRID_TILE,
@@ -57,6 +56,7 @@ from demo.train import (
     top_k_rate,
     training_data,
 )
+from scenes.synthetic import CLASSES, generate_dataset
 
 VALIDATION_SEED_OFFSET = 80_000
 """The small per-epoch validation set (single-object scenes) uses ``seed + VALIDATION_SEED_OFFSET``."""

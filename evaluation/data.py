@@ -1,7 +1,7 @@
 """Evaluation data: images with exact object masks, and 2×2 grids of four scenes of different classes.
 
-Two sources: the project's synthetic scenes (:mod:`demo.scenes`, exact masks by construction) or a user's
-folder. A folder either holds an ``index.json`` in the format :func:`demo.scenes.save_samples` writes
+Two sources: the project's synthetic scenes (:mod:`scenes.synthetic`, exact masks by construction) or a user's
+folder. A folder either holds an ``index.json`` in the format :func:`scenes.synthetic.save_samples` writes
 (``{"samples": [{"image": "a.png", "labels": [3], "masks": ["a_mask0.png"]}], "classes": [...]}``) or
 image files each with a ``<stem>_mask.png`` beside it (nonzero = object; no labels: class methods then
 explain the predicted class).
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.scenes import generate_grid, generate_scene
+from scenes.synthetic import generate_grid, generate_scene
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -97,7 +97,7 @@ def folder_samples(folder: str | Path) -> list[Sample]:
 
 
 def synthetic_grids(count: int, seed: int = 50_000, tile: int = 128, size: int | None = None) -> list[Grid]:
-    """2×2 grids of four single-object scenes of four different classes (:func:`demo.scenes.generate_grid`).
+    """2×2 grids of four single-object scenes of four different classes (:func:`scenes.synthetic.generate_grid`).
 
     Each scene is ``tile`` pixels, the demo model's training scale by default, so a grid is ``2 * tile``
     pixels; ``size`` resizes the grid (half scale: ``size = tile``).

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from demo.overlay import overlay
+from scenes.overlay import overlay
 
 from .data import Sample
 from .metrics import METRICS

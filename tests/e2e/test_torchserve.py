@@ -21,8 +21,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.run import build_demo_archive
-from demo.scenes import generate_scene, save_samples
-from export.server import TorchServe, running
+from scenes.synthetic import generate_scene, save_samples
+from serving.torchserve import TorchServe, running
 
 pytestmark = [
     pytest.mark.e2e,

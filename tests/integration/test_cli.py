@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.cli import main
+from cli.main import main
 from handlers.service import LafamService, Request
 from tests.unit.conftest import image_bytes
 

@@ -19,9 +19,8 @@ from PIL import Image
 from torch import nn
 
 import export.onnx as onnx_module
+from cli.main import main
 from demo import model as demo_model
-from demo.scenes import generate_scene
-from export.cli import main
 from export.exporter import ExportError, export_model, second_size
 from export.models import ActivationModel, resolve_model
 from export.verify import DEFAULT_TOLERANCE, VerificationError, allowed_difference
@@ -29,6 +28,7 @@ from handlers.backends import load_backend, output_names
 from handlers.manifest import Manifest
 from handlers.methods import registry
 from handlers.service import LafamService, Request
+from scenes.synthetic import generate_scene
 from tests.demo_export import DEMO, export_demo
 
 THIS = __name__

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cli.main import main
 from demo.run import build_demo_archive
 from evaluation.runner import GRID_PAIRS, METHODS
-from export.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

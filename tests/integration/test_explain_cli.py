@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.scenes import generate_scene
+from cli.main import main
+from cli.offline import option_help
 from export.archive import build_archive, model_config
-from export.cli import main
-from export.offline import option_help
 from handlers.options import OPTION_NAMES
 from handlers.service import LafamService, Request
+from scenes.synthetic import generate_scene
 from tests.demo_export import export_demo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,7 +119,7 @@ def test_overlays_one_per_image_and_class(exported: Path, images: list[Path], tm
     with Image.open(folder / names[0]) as panel:
         source = next(i for i in images if names[0].startswith(i.stem))
         width, height = Image.open(source).size
-        assert panel.size == (2 * width, height)  # the picture beside its overlay (demo.overlay)
+        assert panel.size == (2 * width, height)  # the picture beside its overlay (scenes.overlay)
     status, _, _ = explain([str(exported), str(images[2]), "--method", "lafam", "--overlay", str(folder)], capsys)
     assert status == 0
     assert (folder / f"{images[2].stem}_lafam.png").is_file()  # label-free: one overlay

@@ -20,12 +20,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from demo.scenes import generate_scene
 from export.archive import build_archive, model_config
 from export.exporter import export_model
 from handlers.eager import load_eager
 from handlers.handler import LafamHandler
 from handlers.manifest import Manifest, ManifestError
+from scenes.synthetic import generate_scene
 from tests.demo_export import DEMO, export_demo
 from tests.unit.conftest import FakeContext
 from tests.unit.test_metrics import sample

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from demo.model import preprocess, shapes_cnn
-from demo.scenes import generate_scene
 from evaluation import metrics
+from scenes.synthetic import generate_scene
 
 quantus = pytest.importorskip("quantus", reason="quantus is in the eval extra: pip install -e '.[eval]'")
 

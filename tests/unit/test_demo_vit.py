@@ -11,9 +11,9 @@ from torchvision.models import VisionTransformer
 
 from demo import vit
 from demo.model import INPUT_SIZE, preprocess
-from demo.scenes import CLASSES, generate_dataset
 from demo.train import parse_config, training_set
 from demo.train_vit import ViTTrainConfig, augment_each, tokens, train
+from scenes.synthetic import CLASSES, generate_dataset
 
 
 def _shipped() -> VisionTransformer:

@@ -207,7 +207,7 @@ def test_checks_detect_violations() -> None:
         "from handlers.images import decode\n"
         "from export import cli\n"
         "def f():\n"
-        "    import demo.scenes\n"
+        "    import scenes.synthetic\n"
         "    print('x')\n"
         "    Image.MAX_IMAGE_PIXELS = None\n"
         "    PIL.Image.MAX_IMAGE_PIXELS += 1\n"
@@ -220,7 +220,7 @@ def test_checks_detect_violations() -> None:
         ("handlers.images", 0),
         ("export", 0),
         ("", 1),
-        ("demo.scenes", 0),
+        ("scenes.synthetic", 0),
     ]
     assert prints(tree) == [6]
     assert sorted(pixel_guard_changes(tree)) == [7, 8, 9]

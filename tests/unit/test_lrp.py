@@ -512,7 +512,7 @@ def test_bad_arguments(seq_lrp):
 
 def test_demo_label_free_map_favours_the_object():
     from demo.model import LAST_CONV_STAGE, MEAN, STD, preprocess, shapes_cnn
-    from demo.scenes import generate_scene
+    from scenes.synthetic import generate_scene
 
     model = shapes_cnn()
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))

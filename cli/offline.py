@@ -182,13 +182,13 @@ def heatmaps(explanation: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
 def write_overlays(
     image_path: Path, body: dict[str, Any], folder: Path, *, taken: set[Path] | frozenset[Path] = frozenset()
 ) -> list[Path]:
-    """Write ``<stem>_<method>[_class<i>-<label>].png`` overlays (:func:`demo.overlay.overlay`) into ``folder``.
+    """Write ``<stem>_<method>[_class<i>-<label>].png`` overlays (:func:`scenes.overlay.overlay`) into ``folder``.
 
     Each is the image beside the image with the map in colour. A name in ``taken`` (written earlier in the
     same run, e.g. by another image with the same stem) gets a ``-2``, ``-3``… suffix; older files are
     overwritten. Nothing is written for an answer without an explanation (``format=none``).
     """
-    from demo.overlay import overlay
+    from scenes.overlay import overlay
 
     explanation = body.get("explanation")
     if not explanation:

@@ -7,8 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export import offline
+from cli import offline
 from export.exporter import IMAGENET_MEAN, IMAGENET_STD
+
+EXPORT_ARGUMENTS = (
+    "layers", "weights", "num_classes", "labels", "input_size", "mean", "std", "task", "name", "tolerance", "eager",
+    "dynamic_size",
+)  # fmt: skip
+"""The ``export`` subcommand's arguments handed as they are to :func:`export.exporter.export_model`."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -149,19 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model,
                 args.out / (args.name or args.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]),
                 backends=backends,
-                layers=args.layers,
-                weights=args.weights,
-                num_classes=args.num_classes,
-                labels=args.labels,
-                input_size=args.input_size,
-                mean=args.mean,
-                std=args.std,
-                task=args.task,
-                name=args.name,
-                tolerance=args.tolerance,
-                eager=args.eager,
-                dynamic_size=args.dynamic_size,
                 log=print,
+                **{argument: getattr(args, argument) for argument in EXPORT_ARGUMENTS},
             )
             for backend, folder in folders.items():
                 print(f"{backend}: {folder}")
@@ -199,10 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from evaluation import report
     from evaluation.data import folder_samples, synthetic_grids, synthetic_samples
@@ -235,3 +226,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

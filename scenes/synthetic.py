@@ -1,4 +1,4 @@
-"""Deterministic synthetic scenes for the demo: textured shapes on cluttered backgrounds, with exact masks.
+"""Deterministic synthetic scenes (the demo's training data, the evaluation's images): shapes with exact masks.
 
 Every scene is an RGB image of one or more objects, each of one of :data:`CLASSES`, drawn with random
 colours, size, position and rotation on a background made of a colour gradient, smooth noise, pixel noise
@@ -8,7 +8,7 @@ the shape has to be looked at. Objects never overlap and distractors lie under t
 boolean mask is exactly the set of pixels it was painted on.
 
 Only numpy and PIL are used; a scene takes about 2 ms on one core (20k scenes in under a minute).
-``python -m demo.scenes --out DIR --n N --seed S`` writes sample PNGs, their masks and an ``index.json``
+``python -m scenes.synthetic --out DIR --n N --seed S`` writes sample PNGs, their masks and an ``index.json``
 (see :func:`save_samples`).
 """
 
@@ -521,7 +521,7 @@ def save_samples(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point: ``python -m demo.scenes --out DIR --n N --seed S``."""
+    """Command line entry point: ``python -m scenes.synthetic --out DIR --n N --seed S``."""
     parser = argparse.ArgumentParser(description="Write generated demo scenes, their masks and index.json.")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--n", type=int, default=16, help="number of scenes (default 16)")
