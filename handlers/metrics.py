@@ -8,10 +8,16 @@ the exporter address; the one that succeeds serves, the others retry every few s
 serving worker dies another one takes over and the scrape target survives worker restarts with no
 extra process to run. Counts of dead workers stay in the sums (counters never go backwards).
 
-Environment (read by the workers, which inherit TorchServe's environment):
+Importing this module changes nothing outside it: the metrics below are in no registry and, until
+:func:`configure` is called, record into this process's memory (prometheus-client's default storage), which
+:func:`render` shows. That is all offline users (evaluation, benchmarks, the offline CLI) need. A worker
+calls :func:`configure` once when it starts (``LafamHandler.initialize``), before its first request; from
+then on every metric is recorded into the multiprocess folder that the exporter sums.
+
+Environment (read by :func:`configure` for what it is not given; workers inherit TorchServe's environment):
     LAFAM_METRICS_ADDRESS: ``host:port`` of the exporter (default ``127.0.0.1:8083``), ``off`` to disable.
-    LAFAM_METRICS_DIR: the multiprocess folder (default: a folder per TorchServe frontend process in the
-        temp dir). In containers point it at an emptyDir that starts empty.
+    LAFAM_METRICS_DIR: the multiprocess folder (default: ``PROMETHEUS_MULTIPROC_DIR``, else a folder per
+        TorchServe frontend process in the temp dir). In containers point it at an emptyDir that starts empty.
 
 Recording never fails a request: an error while recording is logged and swallowed.
 """
@@ -23,33 +29,20 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.exposition import start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:8083"
 RETRY_SECONDS = 5.0
-
-
-def _metrics_dir() -> Path:
-    configured = os.environ.get("LAFAM_METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"lafam-serve-metrics-{os.getppid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-# prometheus-client picks its storage when first imported: the folder must be known before that.
-METRICS_DIR = _metrics_dir()
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values  # noqa: E402
-from prometheus_client.exposition import start_http_server  # noqa: E402
-from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
-
-if values.ValueClass is values.MutexValue:  # imported before us without the folder: switch it over
-    values.ValueClass = values.MultiProcessValue()
 
 # From 50 µs (a LaFAM reduction on a small model) to 10 s (a backward pass on a big one on CPU).
 LATENCY_BUCKETS = (
@@ -62,21 +55,28 @@ EXPLANATION_SECONDS = Histogram(
     "Time to compute and encode one request's explanation map, in seconds.",
     ["model", "method"],
     buckets=LATENCY_BUCKETS,
+    registry=None,
 )
 INFERENCE_SECONDS = Histogram(
     "lafam_inference_seconds",
     "Time of one batched forward pass, in seconds.",
     ["model", "backend"],
     buckets=LATENCY_BUCKETS,
+    registry=None,
 )
 PREPROCESS_SECONDS = Histogram(
     "lafam_preprocess_seconds",
     "Time to decode, resize and normalise one request's image, in seconds.",
     ["model"],
     buckets=LATENCY_BUCKETS,
+    registry=None,
 )
 BATCH_SIZE = Histogram(
-    "lafam_batch_size", "Requests per batch handed to the worker by TorchServe.", ["model"], buckets=BATCH_BUCKETS
+    "lafam_batch_size",
+    "Requests per batch handed to the worker by TorchServe.",
+    ["model"],
+    buckets=BATCH_BUCKETS,
+    registry=None,
 )
 SHARE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 """Buckets of the drift statistics, which all lie in [0, 1]."""
@@ -85,22 +85,39 @@ MAP_ENTROPY = Histogram(
     "Normalised entropy of each served map's positive evidence (0 = one location, 1 = uniform).",
     ["model", "method"],
     buckets=SHARE_BUCKETS,
+    registry=None,
 )
 MAP_BORDER = Histogram(
     "lafam_map_border_ratio",
     "Share of each served map's positive evidence on the map's outer ring.",
     ["model", "method"],
     buckets=SHARE_BUCKETS,
+    registry=None,
 )
 MAP_PEAK_OFFSET = Histogram(
     "lafam_map_peak_offset_ratio",
     "Distance of each served map's peak from the centre, as a fraction of the half-diagonal.",
     ["model", "method"],
     buckets=SHARE_BUCKETS,
+    registry=None,
 )
-REQUESTS = Counter("lafam_requests", "Requests handled, by HTTP status class.", ["model", "status"])
-EXPLANATIONS = Counter("lafam_explanations", "Explanation maps served.", ["model", "method"])
-ERRORS = Counter("lafam_errors", "Failed requests, by error code.", ["model", "code"])
+REQUESTS = Counter("lafam_requests", "Requests handled, by HTTP status class.", ["model", "status"], registry=None)
+EXPLANATIONS = Counter("lafam_explanations", "Explanation maps served.", ["model", "method"], registry=None)
+ERRORS = Counter("lafam_errors", "Failed requests, by error code.", ["model", "code"], registry=None)
+
+DECLARED: tuple[Histogram | Counter, ...] = (
+    EXPLANATION_SECONDS,
+    INFERENCE_SECONDS,
+    PREPROCESS_SECONDS,
+    BATCH_SIZE,
+    MAP_ENTROPY,
+    MAP_BORDER,
+    MAP_PEAK_OFFSET,
+    REQUESTS,
+    EXPLANATIONS,
+    ERRORS,
+)
+"""Every metric above. None is in prometheus-client's default registry: :func:`registry` collects them."""
 
 
 def observe(histogram: Histogram, seconds: float, **labels: str) -> None:
@@ -130,14 +147,18 @@ def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
 
 
 def registry() -> CollectorRegistry:
-    """Return a registry holding the sum of every worker's metrics."""
+    """Return a registry holding the sum of every worker's metrics (this process's alone before :func:`configure`)."""
     collected = CollectorRegistry()
-    MultiProcessCollector(collected, path=str(METRICS_DIR))
+    if _configured:
+        MultiProcessCollector(collected, path=str(_configured[0].directory))
+    else:
+        for metric in DECLARED:
+            collected.register(metric)
     return collected
 
 
 def render() -> bytes:
-    """Return the Prometheus text exposition of every worker's metrics."""
+    """Return the Prometheus text exposition of :func:`registry`."""
     return generate_latest(registry())
 
 
@@ -156,6 +177,86 @@ def parse_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def default_directory() -> Path:
+    """``LAFAM_METRICS_DIR``, else ``PROMETHEUS_MULTIPROC_DIR``, else a folder per TorchServe frontend in the temp dir.
+
+    A worker's parent is the TorchServe frontend, so the workers of one server share the folder.
+    """
+    configured = os.environ.get("LAFAM_METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / f"lafam-serve-metrics-{os.getppid()}"
+
+
+def _environment_address() -> tuple[str, int] | None:
+    return parse_address(os.environ.get("LAFAM_METRICS_ADDRESS", DEFAULT_ADDRESS))
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """Where this process's metrics go, as :func:`configure` set it.
+
+    Attributes:
+        directory: the multiprocess folder every worker of the server records into.
+        exporter: ``(host, port)`` the exporter competes for; ``None``: no exporter.
+    """
+
+    directory: Path
+    exporter: tuple[str, int] | None
+
+
+_configure_lock = threading.Lock()
+_configured: list[Configuration] = []
+
+
+def configuration() -> Configuration | None:
+    """Return the configuration in force, ``None`` before :func:`configure` (metrics in process memory)."""
+    return _configured[0] if _configured else None
+
+
+def configure(directory: str | os.PathLike[str] | None = None, address: str | None = None) -> Configuration:
+    """Record this process's metrics into the multiprocess folder shared by every worker; idempotent.
+
+    A worker calls it once when it starts, before its first request. The first call creates the folder,
+    sets ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client knows the folder by that variable only) and
+    switches prometheus-client's storage to memory-mapped files in it; values recorded in memory before
+    are dropped. A later call changes nothing: what it leaves out keeps the configuration in force, and what
+    it gives must agree with it (files already mapped cannot move).
+
+    Args:
+        directory: the multiprocess folder, created if missing; default :func:`default_directory`.
+        address: ``host:port`` the exporter competes for, or ``off``; default ``LAFAM_METRICS_ADDRESS``,
+            else :data:`DEFAULT_ADDRESS`. Read by :func:`start_exporter`.
+
+    Returns:
+        The configuration in force.
+
+    Raises:
+        ValueError: the address is malformed, or differs, as does the folder, from the configuration in force.
+        OSError: the folder cannot be created.
+    """
+    with _configure_lock:
+        if _configured:
+            current = _configured[0]
+            asked = Configuration(
+                current.directory if directory is None else Path(directory).absolute(),
+                current.exporter if address is None else parse_address(address),
+            )
+            if asked != current:
+                raise ValueError(f"metrics are already configured as {current}; cannot switch to {asked}")
+            return current
+        folder = Path(default_directory() if directory is None else directory).absolute()
+        configured = Configuration(folder, _environment_address() if address is None else parse_address(address))
+        folder.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():  # it warns that files are not cleared: only in-memory children are
+            warnings.filterwarnings("ignore", "Clearing labels", UserWarning)
+            for metric in DECLARED:
+                metric.clear()  # label children made so far hold in-memory values; new ones map the files
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+        if values.ValueClass is values.MutexValue:
+            values.ValueClass = values.MultiProcessValue()
+        _configured.append(configured)
+        return configured
+
+
 _exporter_lock = threading.Lock()
 _exporter_threads: list[threading.Thread] = []
 
@@ -163,14 +264,22 @@ _exporter_threads: list[threading.Thread] = []
 def start_exporter(address: str | None = None, retry_seconds: float = RETRY_SECONDS) -> bool:
     """Start (once per process) the background thread that competes for the exporter address.
 
+    Call it after :func:`configure`: the exporter serves :func:`registry` as it was when it started.
+
     Args:
-        address: ``host:port`` or ``off``; default from ``LAFAM_METRICS_ADDRESS``.
+        address: ``host:port`` or ``off``; default: the configured one (:func:`configure`), else
+            ``LAFAM_METRICS_ADDRESS``, else :data:`DEFAULT_ADDRESS`.
         retry_seconds: pause between bind attempts while another worker holds the address.
 
     Returns:
         ``True`` if a thread was started, ``False`` when disabled or already started.
     """
-    target = parse_address(address if address is not None else os.environ.get("LAFAM_METRICS_ADDRESS", DEFAULT_ADDRESS))
+    if address is not None:
+        target = parse_address(address)
+    elif _configured:
+        target = _configured[0].exporter
+    else:
+        target = _environment_address()
     if target is None:
         return False
     with _exporter_lock:

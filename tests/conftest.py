@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-# Must run before handlers.metrics is imported (prometheus-client picks its storage at import).
-os.environ.setdefault("LAFAM_METRICS_DIR", tempfile.mkdtemp(prefix="lafam-test-metrics-"))
-os.environ.setdefault("LAFAM_METRICS_ADDRESS", "off")
+from handlers import metrics
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metrics_folder(tmp_path_factory: pytest.TempPathFactory) -> metrics.Configuration:
+    """Configure the metrics as a worker does at start, once for the whole run: a private folder, no exporter.
+
+    Handlers initialised by the tests call ``metrics.configure()`` again, which keeps this configuration.
+    """
+    return metrics.configure(tmp_path_factory.mktemp("metrics"), address="off")
 
 
 @pytest.fixture(scope="module")

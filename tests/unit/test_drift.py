@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from handlers import service
 from handlers.drift import map_statistics
 from tests.unit.test_handler import png_item, serve
 from tests.unit.test_metrics import sample
@@ -63,6 +65,23 @@ def test_the_service_records_every_served_map(tiny_export: Path) -> None:
     assert sample("lafam_map_entropy_ratio_count", model=model, method="lafam") == before + 2
     assert sample("lafam_map_border_ratio_count", model=model, method="lafam") >= 2
     assert sample("lafam_map_peak_offset_ratio_count", model=model, method="lafam") >= 2
+
+
+def test_failing_drift_statistics_never_fail_the_request(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(native: torch.Tensor) -> None:
+        raise RuntimeError("drift broke")
+
+    monkeypatch.setattr(service, "map_statistics", broken)
+    model = "tiny-classification"
+    before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
+    with caplog.at_level(logging.ERROR, logger="handlers.service"):
+        bodies, context = serve(tiny_export, [png_item()])
+    assert context.statuses[0][0] == 200
+    assert bodies[0]["explanation"]["data"]
+    assert sample("lafam_map_entropy_ratio_count", model=model, method="lafam") == before
+    assert any(record.getMessage() == "drift statistics failed" for record in caplog.records)
 
 
 def test_drift_can_be_switched_off_per_deployment(tiny_export: Path) -> None:

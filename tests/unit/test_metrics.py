@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from handlers import metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape() -> dict[str, Any]:
@@ -82,6 +91,13 @@ def test_latency_buckets_resolve_sub_millisecond_and_reach_ten_seconds() -> None
     assert buckets[0] <= 0.0001
     assert sum(bound < 0.001 for bound in buckets) >= 3
     assert buckets[-1] == 10.0
+
+
+def test_every_metric_is_declared_once_and_in_no_default_registry() -> None:
+    declared = [value for value in vars(metrics).values() if isinstance(value, Histogram | Counter)]
+    assert sorted(map(id, metrics.DECLARED)) == sorted(map(id, declared))
+    names = {family.name for family in REGISTRY.collect()}
+    assert not {family.name for metric in declared for family in metric.describe()} & names
 
 
 def test_histograms_use_the_latency_buckets() -> None:
@@ -165,10 +181,136 @@ def test_timed_with_wrong_labels_does_not_mask_the_block(caplog: pytest.LogCaptu
     assert any("could not record" in record.getMessage() for record in caplog.records)
 
 
-def test_metrics_go_to_the_configured_folder() -> None:
-    assert str(metrics.METRICS_DIR) == metrics.os.environ["PROMETHEUS_MULTIPROC_DIR"]
+def test_metrics_go_to_the_configured_folder(metrics_folder: metrics.Configuration) -> None:
+    assert metrics.configuration() == metrics_folder
+    assert str(metrics_folder.directory) == os.environ["PROMETHEUS_MULTIPROC_DIR"]
     metrics.count(metrics.ERRORS, model=unique_model(), code="x")
-    assert list(metrics.METRICS_DIR.glob("counter_*.db"))
+    assert list(metrics_folder.directory.glob("counter_*.db"))
+
+
+# configure
+
+
+def test_configure_again_keeps_the_configuration(metrics_folder: metrics.Configuration) -> None:
+    assert metrics.configure() == metrics_folder  # what a handler's initialize does in every test
+    assert metrics.configure(metrics_folder.directory, address="off") == metrics_folder
+    assert metrics.configure(str(metrics_folder.directory)) == metrics_folder
+    assert metrics.configure(address="none") == metrics_folder  # another spelling of off
+
+
+def test_configure_refuses_to_move(metrics_folder: metrics.Configuration, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already configured"):
+        metrics.configure(tmp_path)
+    with pytest.raises(ValueError, match="already configured"):
+        metrics.configure(address="127.0.0.1:9")
+    with pytest.raises(ValueError, match="LAFAM_METRICS_ADDRESS must be host:port"):
+        metrics.configure(address="nonsense")
+    assert metrics.configuration() == metrics_folder
+
+
+def fresh_environment(temp: Path, **env: str) -> dict[str, str]:
+    """This process's environment without the metrics variables, ``temp`` as temp dir, plus ``env``."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("LAFAM_METRICS_", "PROMETHEUS_MULTIPROC_DIR"))}
+    return {**kept, "TMPDIR": str(temp), **env}
+
+
+def run_fresh(code: str, tmp_path: Path, **env: str) -> Any:
+    """Run ``code`` in a fresh interpreter with :func:`fresh_environment` and an empty temp dir; return its
+    last printed line, parsed as JSON."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=fresh_environment(temp, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+UNCONFIGURED = """
+    import json, os, tempfile
+    import prometheus_client
+    from prometheus_client import values
+    environ, storage = dict(os.environ), values.ValueClass
+    from handlers import metrics
+
+    def total():
+        return metrics.registry().get_sample_value("lafam_errors_total", {"model": "m", "code": "x"})
+
+    metrics.count(metrics.ERRORS, model="m", code="x")
+    with metrics.timed(metrics.EXPLANATION_SECONDS, model="m", method="lafam"):
+        pass
+    before = {
+        "total": total(),
+        "rendered": b'lafam_errors_total{code="x",model="m"} 1.0' in metrics.render(),
+        "environ": dict(os.environ) == environ,
+        "storage": values.ValueClass is storage is values.MutexValue,
+        "default_registry": [m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith("lafam")],
+        "temp": os.listdir(tempfile.gettempdir()),
+        "configuration": metrics.configuration(),
+    }
+    folder = os.path.join(tempfile.gettempdir(), "metrics")
+    configured = metrics.configure(folder, address="off")
+    after_first = total()
+    metrics.count(metrics.ERRORS, model="m", code="x")
+    print(json.dumps({
+        "before": before,
+        "after_first": after_first,
+        "after_second": total(),
+        "again": metrics.configure() == configured,
+        "environ": os.environ["PROMETHEUS_MULTIPROC_DIR"] == folder == str(configured.directory),
+        "files": sorted(name.split("_")[0] for name in os.listdir(folder)),
+        "exporter_started": metrics.start_exporter(),
+    }))
+"""
+
+
+def test_before_configure_metrics_stay_in_memory_then_go_to_the_folder(tmp_path: Path) -> None:
+    found = run_fresh(UNCONFIGURED, tmp_path)
+    before = found["before"]
+    assert before["total"] == 1.0  # recorded and rendered in process memory ...
+    assert before["rendered"]
+    assert before["environ"]  # ... with no variable set, no storage switched, no registry touched, no file
+    assert before["storage"]
+    assert before["default_registry"] == []
+    assert before["temp"] == []
+    assert before["configuration"] is None
+    assert found["after_first"] is None  # configure drops what was recorded in memory ...
+    assert found["after_second"] == 1.0  # ... and records into the folder from then on
+    assert found["again"]
+    assert found["environ"]
+    assert found["files"] == ["counter"]  # the histogram's only value was recorded before
+    assert found["exporter_started"] is False  # address "off"
+
+
+def test_configure_reads_the_environment_once(tmp_path: Path) -> None:
+    code = """
+        import json, os
+        from handlers import metrics
+        first = metrics.configure()
+        os.environ["LAFAM_METRICS_DIR"] = os.environ["LAFAM_METRICS_ADDRESS"] = "ignored"
+        print(json.dumps({"first": [str(first.directory), first.exporter], "again": metrics.configure() == first}))
+    """
+    folder = tmp_path / "from-env"
+    found = run_fresh(code, tmp_path, LAFAM_METRICS_DIR=str(folder), LAFAM_METRICS_ADDRESS="127.0.0.1:9")
+    assert found == {"first": [str(folder), ["127.0.0.1", 9]], "again": True}
+    assert folder.is_dir()
+
+
+def test_configure_defaults_to_a_folder_per_frontend_in_the_temp_dir(tmp_path: Path) -> None:
+    code = """
+        import json, os, tempfile
+        from handlers import metrics
+        configured = metrics.configure()
+        expected = os.path.join(tempfile.gettempdir(), f"lafam-serve-metrics-{os.getppid()}")
+        print(json.dumps({"folder": str(configured.directory) == expected, "exporter": configured.exporter}))
+    """
+    assert run_fresh(code, tmp_path) == {"folder": True, "exporter": ["127.0.0.1", 8083]}
 
 
 # exporter
@@ -249,9 +391,22 @@ def test_start_exporter_is_once_per_process(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [(("127.0.0.1", 9), metrics.RETRY_SECONDS)]
 
 
+def test_start_exporter_uses_the_configured_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(metrics, "_exporter_threads", [])
+    monkeypatch.setattr(metrics, "_serve_when_free", lambda *args: calls.append(args))
+    monkeypatch.setenv("LAFAM_METRICS_ADDRESS", "127.0.0.1:9")  # not read once configured
+    assert metrics.start_exporter() is False  # the suite's configuration: off
+    monkeypatch.setattr(metrics, "_configured", [metrics.Configuration(Path("unused"), ("127.0.0.1", 10))])
+    assert metrics.start_exporter(retry_seconds=0.1) is True
+    metrics._exporter_threads[0].join(timeout=5)
+    assert calls == [(("127.0.0.1", 10), 0.1)]
+
+
 def test_start_exporter_off_and_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "_exporter_threads", [])
     monkeypatch.setattr(metrics, "_serve_when_free", lambda *args: None)
+    monkeypatch.setattr(metrics, "_configured", [])  # not configured: the environment decides
     assert metrics.start_exporter("off") is False
     monkeypatch.setenv("LAFAM_METRICS_ADDRESS", "off")
     assert metrics.start_exporter() is False
