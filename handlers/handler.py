@@ -3,20 +3,39 @@
 This is the only module that knows TorchServe's calling convention (``initialize(context)`` and
 ``handle(data, context)`` with per-request headers and statuses on the context). Archives ship it as
 their ``--handler``; TorchServe instantiates the single class defined here.
+
+Requests also come through TorchServe's gRPC API (``Predictions`` and ``StreamPredictions``;
+``StreamPredictions2`` reaches only a sequence-batching model) with the same input fields (``data``,
+``options``, and ``explain`` in place of the ``/explanations`` route). What differs is TorchServe's, and is
+handled here: every gRPC reply carries ``ts_stream_next: false`` (without it the frontend fails on a
+``StreamPredictions`` reply and restarts the worker), and since the frontend ignores a per-request status
+on gRPC, a failed request alone in its batch is raised as the batch's error, which the frontend turns into
+a gRPC status code.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ts.utils.util import PredictionException
 
 from . import metrics
 from .service import LafamService, Request
 
 logger = logging.getLogger(__name__)
+
+STREAM_NEXT = "ts_stream_next"
+"""Reply header the frontend reads on a gRPC StreamPredictions call: ``false`` ends the stream."""
+SEQUENCE_KEYS = {
+    "header_key_sequence_id": "ts_request_sequence_id",
+    "header_key_sequence_start": "ts_request_sequence_start",
+    "header_key_sequence_end": "ts_request_sequence_end",
+}
+"""Context attributes naming the request headers TorchServe adds to sequence requests, with their defaults."""
 
 
 def select_device(gpu_id: int | None) -> torch.device:
@@ -34,7 +53,8 @@ class LafamHandler:
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
-        """Load the manifest and graph from the archive onto the assigned device; start the exporter."""
+        """Configure the metrics, load the archive's manifest and graph onto the device, start the exporter."""
+        metrics.configure()  # from the worker's environment; a no-op when already configured
         properties = context.system_properties
         device = select_device(properties.get("gpu_id"))
         config = (getattr(context, "model_yaml_config", None) or {}).get("lafam") or {}
@@ -50,27 +70,62 @@ class LafamHandler:
         )
 
     def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[str] | None:
-        """Answer a batch; each request gets its own status and a compact JSON body."""
+        """Answer a batch; each request gets its own status and a compact JSON body.
+
+        Raises:
+            PredictionException: a unary or server-streaming gRPC request, alone in its batch, failed; the
+                message is its JSON error body and the code its HTTP status.
+        """
         if data is None:
             return None
         if self.service is None:
             self.initialize(context)
-        requests = [self._request(index, item, context) for index, item in enumerate(data)]
-        replies = self.service.predict(requests)
-        for index, reply in enumerate(replies):
+        calls = [_call(index, item, context) for index, item in enumerate(data)]
+        replies = self.service.predict([call.request for call in calls])
+        bodies = [json.dumps(reply.body, separators=(",", ":")) for reply in replies]
+        if len(calls) == 1 and calls[0].grpc and not calls[0].sequence and replies[0].status >= 400:
+            # On gRPC TorchServe ignores a per-request status but maps a whole-batch error to a gRPC status
+            # (400 → INVALID_ARGUMENT, …); alone in its batch, this request fails no other by raising. Not on
+            # StreamPredictions2: there TorchServe 0.12.0 fails building the error reply and drops the worker.
+            raise PredictionException(bodies[0], replies[0].status)
+        for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
             context.set_response_status(reply.status, reply.phrase, index)
             context.set_response_content_type(index, "application/json")
-        return [json.dumps(reply.body, separators=(",", ":")) for reply in replies]
+            if call.grpc:  # one reply, then the end of a StreamPredictions stream (REST must not get it)
+                context.set_response_header(index, STREAM_NEXT, "false")
+        return bodies
 
-    @staticmethod
-    def _request(index: int, item: dict[str, Any], context: Any) -> Request:
-        headers: dict[str, str] = {}
-        content_types: dict[str, str] = {}
-        for key, value in (context.get_all_request_header(index) or {}).items():
-            if isinstance(value, dict):  # TorchServe puts each parameter's content type here
-                content_types[key] = str(value.get("content-type") or "")
-            else:
-                headers[str(key).lower()] = str(value)
-        # TorchServe marks requests to POST /explanations/{model} with this header (value "True")
-        explain = headers.get("explain", "").strip().lower() == "true"
-        return Request(parameters=item or {}, headers=headers, content_types=content_types, explain=explain)
+
+@dataclass(frozen=True)
+class _Call:
+    """A request and the TorchServe API it came through."""
+
+    request: Request
+    grpc: bool
+    sequence: bool
+
+
+def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
+    headers: dict[str, str] = {}
+    content_types: dict[str, str] = {}
+    for key, value in (context.get_all_request_header(index) or {}).items():
+        if isinstance(value, dict):  # TorchServe puts each parameter's content type here
+            content_types[key] = str(value.get("content-type") or "")
+        else:
+            headers[str(key).lower()] = str(value)
+    # A REST request brings its HTTP headers (Netty always sets Content-Length); a gRPC call brings none of
+    # its metadata, only its input fields, plus TorchServe's sequence keys when it came by StreamPredictions2.
+    sequence_keys = {str(getattr(context, key, default)).lower() for key, default in SEQUENCE_KEYS.items()}
+    grpc = not set(headers) - sequence_keys
+    # POST /explanations/{model} carries the header explain: True; gRPC has no such route, so an input field
+    # says it (over REST a field of that name is an ordinary form field and opens nothing)
+    parameters = item or {}
+    explain = _is_true(parameters.get("explain") if grpc else headers.get("explain"))
+    request = Request(parameters=parameters, headers=headers, content_types=content_types, explain=explain)
+    return _Call(request=request, grpc=grpc, sequence=grpc and bool(set(headers) & sequence_keys))
+
+
+def _is_true(value: Any) -> bool:
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", errors="replace")
+    return str(value or "").strip().lower() == "true"

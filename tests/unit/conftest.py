@@ -100,24 +100,34 @@ def image_bytes(size: tuple[int, int] = (64, 48), fmt: str = "PNG", mode: str = 
 
 @dataclass
 class FakeContext:
-    """What the handler uses of TorchServe's ``Context``, with the same calling convention."""
+    """What the handler uses of TorchServe's ``Context``, with the same calling convention.
+
+    Requests come over REST unless ``grpc``: TorchServe then forwards each request's HTTP headers, which
+    always include Content-Length; a gRPC request has only the headers given here.
+    """
 
     model_dir: str
     headers: list[dict[str, Any]] = field(default_factory=list)
     gpu_id: int | None = None
     model_yaml_config: dict[str, Any] = field(default_factory=dict)
+    grpc: bool = False
     statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
     content_types: dict[int, str] = field(default_factory=dict)
+    response_headers: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def system_properties(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "gpu_id": self.gpu_id, "batch_size": 8}
 
     def get_all_request_header(self, idx: int) -> dict[str, Any]:
-        return self.headers[idx] if idx < len(self.headers) else {}
+        headers = self.headers[idx] if idx < len(self.headers) else {}
+        return dict(headers) if self.grpc else {"content-length": "0", **headers}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_types[idx] = value
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.mmap_dict import MmapedDict
+from ts.utils.util import PredictionException
 
 from handlers import metrics
 from handlers.handler import LafamHandler, select_device
@@ -204,6 +207,27 @@ def test_metrics_are_recorded(tiny_export: Path) -> None:
     assert 'lafam_inference_seconds_count{backend="torchscript",model="tiny-classification"}' in text
 
 
+def test_a_failing_metrics_store_never_fails_a_request(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's configured store (memory-mapped files) failing on every write, as on a full disk."""
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MmapedDict, "write_value", full_disk)
+    with caplog.at_level(logging.ERROR, logger="handlers.metrics"):
+        bodies, context = serve(tiny_export, [png_item(), {"body": bytearray(b"junk")}])
+    assert metrics.configuration() is not None  # initialize configured them (a no-op after the suite's call)
+    assert [context.statuses[i][0] for i in range(2)] == [200, 400]
+    assert bodies[0]["predictions"]
+    assert bodies[0]["explanation"]["data"]
+    assert bodies[1]["error"]["code"] == "invalid_image"
+    failures = [record for record in caplog.records if record.getMessage().startswith("could not record")]
+    assert len(failures) >= 5  # batch size, preprocessing, inference, explanation, drift, requests, errors
+    assert all("No space left" in str(record.exc_info[1]) for record in failures if record.exc_info)
+
+
 def test_cpu_without_cuda_even_when_a_gpu_id_is_given() -> None:
     expected = "cuda:1" if torch.cuda.is_available() else "cpu"
     assert str(select_device(1)) == expected
@@ -225,3 +249,84 @@ def test_original_size_maps_are_capped_at_the_largest_map_side(tiny_export: Path
     assert context.statuses[0][0] == 200
     assert bodies[0]["explanation"]["size"] == [82, 4096]  # aspect kept: a huge image must not mean a huge map
     assert decode_png(bodies[0]["explanation"]["data"]).shape == (82, 4096)
+
+
+def grpc_item(options: bytes | None = None, explain: bytes | None = None, data: bytes | None = None) -> dict:
+    """Input fields as TorchServe hands over a gRPC ``PredictionsRequest.input`` map: raw bytes each."""
+    item = {"data": bytearray(image_bytes() if data is None else data)}
+    if options is not None:
+        item["options"] = bytearray(options)
+    if explain is not None:
+        item["explain"] = bytearray(explain)
+    return item
+
+
+def grpc_headers(item: dict, **sequence: str) -> dict:
+    """A gRPC request's headers: no HTTP header, each input field's (empty) content type, sequence keys."""
+    return {**{name: {"content-type": ""} for name in item}, **sequence}
+
+
+def test_grpc_input_fields_with_options(tiny_export: Path) -> None:
+    items = [grpc_item(b'{"top_k": 1, "format": "array"}'), grpc_item(b'{"top_k": "many"}')]
+    bodies, context = serve(tiny_export, items, [grpc_headers(item) for item in items], grpc=True)
+    assert [context.statuses[i][0] for i in range(2)] == [200, 400]
+    assert len(bodies[0]["predictions"]) == 1
+    assert bodies[0]["explanation"]["format"] == "array"
+    assert bodies[1]["error"]["code"] == "invalid_option"
+
+
+def test_every_grpc_reply_ends_its_stream_and_no_rest_reply_is_streamed(tiny_export: Path) -> None:
+    items = [grpc_item(), grpc_item(data=b"junk")]
+    _, context = serve(tiny_export, items, [grpc_headers(item) for item in items], grpc=True)
+    assert context.response_headers == {0: {"ts_stream_next": "false"}, 1: {"ts_stream_next": "false"}}
+    _, context = serve(tiny_export, [png_item(), {"body": bytearray(b"junk")}])
+    assert context.response_headers == {}  # on REST the header would turn the reply into a chunked stream
+
+
+def test_explain_input_field_opens_the_explanations_path_on_grpc_only(tiny_export: Path) -> None:
+    lrp = b'{"method": "lrp"}'
+    items = [grpc_item(lrp, explain=b"true"), grpc_item(lrp), grpc_item(lrp, explain=b"True"), grpc_item()]
+    bodies, _ = serve(tiny_export, items, [grpc_headers(item) for item in items], grpc=True)
+    assert "no eager model" in bodies[0]["error"]["message"]  # the /explanations path's answer for this archive
+    assert "/explanations" in bodies[1]["error"]["message"]
+    assert "explain=true" in bodies[1]["error"]["message"]
+    assert "no eager model" in bodies[2]["error"]["message"]
+    rest = [{"data": bytearray(image_bytes()), "options": bytearray(lrp), "explain": bytearray(b"true")}, png_item()]
+    bodies, _ = serve(tiny_export, rest, [{"data": {"content-type": "image/png"}}, {}])
+    assert "/explanations" in bodies[0]["error"]["message"]  # over REST only the route opens it
+
+
+@pytest.mark.parametrize(
+    ("item", "status", "code"),
+    [
+        (grpc_item(data=b"junk"), 400, "invalid_image"),
+        (grpc_item(b'{"colour": "red"}'), 400, "invalid_option"),
+        (grpc_item(data=image_bytes(size=(200, 200))), 413, "image_too_large"),
+    ],
+)
+def test_a_failed_grpc_request_alone_in_its_batch_is_the_batch_error(
+    tiny_export: Path, item: dict, status: int, code: str
+) -> None:
+    """TorchServe maps a batch error's code to a gRPC status (400 → INVALID_ARGUMENT, 413 → RESOURCE_EXHAUSTED)."""
+    context = FakeContext(str(tiny_export), headers=[grpc_headers(item)], grpc=True)
+    context.model_yaml_config = {"lafam": {"max_pixels": 20000}}
+    handler = LafamHandler()
+    handler.initialize(context)
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([item], context)
+    assert raised.value.error_code == status
+    assert json.loads(raised.value.message)["error"]["code"] == code
+    assert context.statuses == {}
+    assert json.loads(handler.handle([grpc_item()], context)[0])["predictions"]  # and the handler keeps serving
+
+
+def test_stream_predictions2_and_rest_failures_are_never_raised(tiny_export: Path) -> None:
+    """StreamPredictions2 reports a batch error with a null prediction, which TorchServe 0.12.0 cannot build."""
+    item = grpc_item(data=b"junk")
+    sequence = grpc_headers(item, ts_request_sequence_id="ts-seq-1", ts_request_sequence_start="true")
+    bodies, context = serve(tiny_export, [item], [sequence], grpc=True)
+    assert context.statuses[0][0] == 400
+    assert bodies[0]["error"]["code"] == "invalid_image"
+    assert context.response_headers[0] == {"ts_stream_next": "false"}
+    bodies, context = serve(tiny_export, [{"body": bytearray(b"junk")}])
+    assert context.statuses[0][0] == 400
