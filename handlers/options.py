@@ -28,8 +28,9 @@ SIZE_KEYWORDS: tuple[str, ...] = ("input", "original")
 _FLOAT_PATTERN = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MAX_MAP_SIDE = 4096
-_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
-_INT_PATTERN = re.compile(r"^\s*-?[0-9]+\s*$")
+# At most 32 digits: more than any bound, and int() refuses a string of over 4300 digits with a ValueError.
+_SIZE_PATTERN = re.compile(r"^\s*(\d{1,32})\s*[xX,]\s*(\d{1,32})\s*$")
+_INT_PATTERN = re.compile(r"^\s*-?[0-9]{1,32}\s*$")
 
 
 @dataclass(frozen=True)
@@ -152,18 +153,19 @@ def _classes(value: Any, num_outputs: int) -> tuple[int, ...]:
 
 
 def _size(value: Any) -> str | tuple[int, int]:
+    sides = value
     if isinstance(value, str):
         if value.strip().lower() in SIZE_KEYWORDS:
             return value.strip().lower()
         match = _SIZE_PATTERN.match(value)
-        value = (int(match.group(1)), int(match.group(2))) if match else None
+        sides = (int(match.group(1)), int(match.group(2))) if match else None
     if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        and all(1 <= v <= MAX_MAP_SIDE for v in value)
+        isinstance(sides, (list, tuple))
+        and len(sides) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in sides)
+        and all(1 <= v <= MAX_MAP_SIDE for v in sides)
     ):
-        return (value[0], value[1])
+        return (sides[0], sides[1])
     raise InvalidOption(
         f"option 'size' must be 'input', 'original', 'HxW' or [H, W] with sides 1..{MAX_MAP_SIDE}, got {value!r}",
         option="size",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import http
-import json
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -30,6 +29,7 @@ from .encode import encode_explanation, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
 from .explain.lafam import resize_maps
 from .images import DecodedImage, open_image, to_tensor
+from .json_input import check_depth, parse_json
 from .manifest import Defaults, Manifest
 from .methods import (
     ContractError,
@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
 IMAGE_TYPES = ("image/", "application/octet-stream")
-PREDICT_HINT = " (backward-pass methods are served on POST /explanations/{model})"
+PREDICT_HINT = (
+    " (backward-pass methods are served on POST /explanations/{model}, or over gRPC with the input explain=true)"
+)
 SERVICE_KEYS = ("max_pixels", "max_input_pixels", "max_classes", "eager", "drift")
 """Keys of the model config's ``lafam`` section besides the option defaults."""
 
@@ -111,15 +113,15 @@ def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | N
     value = parameters[key]
     content_type = request.content_types.get(key, "").split(";")[0].strip().lower()
     if isinstance(value, Mapping):
-        return _from_json(value)
+        return _from_json(check_depth(value, "the JSON body"))
     if not isinstance(value, str | bytes | bytearray):  # TorchServe already parsed a JSON array/number/null
         raise InvalidJSON(f'the JSON body must be an object {{"image": "<base64>", ...}}, got {type(value).__name__}')
     if isinstance(value, str) or content_type == "application/json":
         try:
-            parsed = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as exc:
+            parsed = parse_json(value, "the JSON body")
+        except InvalidJSON as exc:
             if content_type == "application/json":
-                raise InvalidJSON(f"the JSON body cannot be parsed: {exc}") from exc
+                raise
             raise UnsupportedMediaType(
                 f"Content-Type {content_type!r} is not accepted: send image/* bytes or application/json"
             ) from exc
@@ -132,11 +134,10 @@ def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | N
             "application/octet-stream or application/json"
         )
     options = parameters.get("options")
-    if options is not None and not isinstance(options, Mapping):
-        try:
-            options = json.loads(options)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidJSON(f"the 'options' form field is not valid JSON: {exc}") from exc
+    if isinstance(options, str | bytes | bytearray):
+        options = parse_json(options, "the 'options' form field")
+    elif options is not None:  # TorchServe decoded an application/json field
+        check_depth(options, "the 'options' form field")
     return value, options
 
 

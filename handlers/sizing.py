@@ -28,7 +28,7 @@ input x gradient pass of ResNet-50 keeps every layer's activations, about 0.1 GB
 about 2 GB here (and a batch of 8 plain forwards less), instead of about 33 GB at 4096x4096."""
 DEFAULT_MIN_SIDE = 32
 """The smallest side served when the manifest records no ``min_side`` (the stride of most CNN backbones)."""
-_INT_PATTERN = re.compile(r"^\s*[0-9]+\s*$")
+_INT_PATTERN = re.compile(r"^\s*[0-9]{1,32}\s*$")  # int() refuses over 4300 digits; no bound needs 32
 
 
 def min_side(manifest: Manifest) -> int:

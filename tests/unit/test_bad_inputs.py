@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.scenes import generate_scene
 from handlers.handler import LafamHandler
+from scenes.synthetic import generate_scene
 from tests.demo_export import export_demo
 
 from .conftest import FakeContext, image_bytes
@@ -150,14 +150,40 @@ def json_body(body: Any, code: str = "invalid_json", keyword: str = "", status: 
     }
 
 
-def multipart(options: Any, code: str, keyword: str) -> dict:
-    """A form with an image field and an ``options`` field (TorchServe decodes a text/plain field to str)."""
+def multipart(options: Any, code: str, keyword: str, content_type: str = "text/plain") -> dict:
+    """A form with an image field and an ``options`` field (TorchServe decodes a text/plain field to str, an
+    application/json one to an object when it parses, else leaves its bytes)."""
     return {
         "item": {"data": bytearray(PNG), "options": options},
-        "headers": {"data": {"content-type": "image/png"}, "options": {"content-type": "text/plain"}},
+        "headers": {"data": {"content-type": "image/png"}, "options": {"content-type": content_type}},
         "code": code,
         "keyword": keyword,
     }
+
+
+DEEP = 100_000
+"""Nesting levels of the deep JSON cases: Python's parser recurses per level (TorchServe's own decoding of
+such a body fails with RecursionError and hands over the raw bytes)."""
+HUGE = "1" + "0" * 5000
+"""An integer of 5001 digits: over Python's int-string conversion limit (4300)."""
+
+
+def nested(inner: str = "", depth: int = DEEP, opening: str = "[", closing: str = "]") -> str:
+    """``inner`` inside ``depth`` levels of arrays (or of ``opening`` … ``closing``), as JSON text."""
+    return opening * depth + inner + closing * depth
+
+
+def nested_list(depth: int) -> list[Any]:
+    """``depth`` levels of lists as TorchServe's decoding delivers them when it succeeds (built without recursion)."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def with_image(options: str) -> bytearray:
+    """A JSON body text with the PNG and ``options`` (JSON text)."""
+    return bytearray(f'{{"image": "{b64(PNG)}", "options": {options}}}'.encode())
 
 
 def _original_size(height: int, width: int) -> Callable[[dict[str, Any]], None]:
@@ -247,6 +273,29 @@ CASES = [
         "json-options-bool-top-k",
         **json_body({"image": b64(PNG), "options": {"top_k": True}}, "invalid_option", "top_k"),
     ),
+    # JSON past the parser's limits (depth, digits): each a 400 naming the limit, never a 500
+    Case("json-nested-arrays-100000", **json_body(bytearray(nested().encode()), keyword="nested deeper than 32")),
+    Case(
+        "json-nested-objects-100000",
+        **json_body(bytearray(nested("1", opening='{"a":', closing="}").encode()), keyword="nested deeper than 32"),
+    ),
+    Case(
+        "json-options-nested-100000",
+        **json_body(with_image(f'{{"top_k": {nested()}}}'), keyword="nested deeper than 32"),
+    ),
+    Case(
+        "json-decoded-options-nested-500",
+        **json_body({"image": b64(PNG), "options": {"classes": nested_list(500)}}, keyword="nested deeper than 32"),
+    ),
+    Case("json-integer-5001-digits", **json_body(with_image(f'{{"top_k": {HUGE}}}'), keyword="5001 digits")),
+    Case(
+        "text-plain-nested-json",
+        {"body": nested()},
+        {"body": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
     # options
     Case("unknown-option-header", **with_headers({"X-LaFAM-Colour": "red"}, keyword="unknown option")),
     Case("top-k-abc", **with_headers({"X-LaFAM-Top-K": "abc"}, keyword="top_k")),
@@ -264,10 +313,25 @@ CASES = [
     Case("tau-one", **with_headers({"X-LaFAM-Tau": "1"}, keyword="tau")),
     Case("classes-out-of-range", **with_headers({"X-LaFAM-Classes": "9"}, keyword="0 to 3")),
     Case("least-likely-maybe", **with_headers({"X-LaFAM-Least-Likely": "maybe"}, keyword="least_likely")),
+    Case("top-k-5001-digits", **with_headers({"X-LaFAM-Top-K": HUGE}, keyword="top_k")),
+    Case("classes-5001-digits", **with_headers({"X-LaFAM-Classes": f"1,{HUGE}"}, keyword="classes")),
+    Case("size-5001-digits", **with_headers({"X-LaFAM-Size": f"{HUGE}x{HUGE}"}, keyword="size")),
+    Case("resize-5001-digits", **with_headers({"X-LaFAM-Resize": HUGE}, keyword="resize")),
     # multipart forms
     Case("multipart-options-bad-json", **multipart("{nope", "invalid_json", "options")),
     Case("multipart-options-not-object", **multipart("[1, 2]", "invalid_option", "options")),
     Case("multipart-options-unknown", **multipart('{"colour": "red"}', "invalid_option", "colour")),
+    Case("multipart-options-nested-100000", **multipart(nested(), "invalid_json", "nested deeper than 32")),
+    Case(  # an application/json field TorchServe could not decode: its raw bytes
+        "multipart-json-options-nested-100000",
+        **multipart(bytearray(nested().encode()), "invalid_json", "nested deeper than 32", JSON),
+    ),
+    Case("multipart-json-options-decoded-array", **multipart([1, 2], "invalid_option", "options", JSON)),
+    Case(
+        "multipart-json-options-decoded-nested-500",
+        **multipart({"classes": nested_list(500)}, "invalid_json", "nested deeper than 32", JSON),
+    ),
+    Case("multipart-options-integer-5001-digits", **multipart(f'{{"top_k": {HUGE}}}', "invalid_json", "5001 digits")),
 ]
 
 
@@ -343,6 +407,18 @@ def test_batch_of_every_case_each_answered_alone(handler: LafamHandler, tiny_exp
         else:
             assert_answer(case, status, body)
     [(status, body)] = answer(handler, tiny_export, [good])  # the worker keeps serving
+    assert status == 200, body
+    assert body["predictions"]
+
+
+def test_json_past_the_parser_limits_then_the_worker_keeps_serving(handler: LafamHandler, tiny_export: Path) -> None:
+    hostile = [case for case in CASES if "nested" in case.id or "5001-digits" in case.id]
+    assert len(hostile) >= 10
+    for case in hostile:  # one at a time, as each would arrive
+        [(status, body)] = answer(handler, tiny_export, [case])
+        assert_answer(case, status, body)
+        assert status < 500, (case.id, body)
+    [(status, body)] = answer(handler, tiny_export, [Case("good", {"body": bytearray(PNG)}, status=200)])
     assert status == 200, body
     assert body["predictions"]
 
