@@ -16,16 +16,27 @@ import numpy as np
 from PIL import Image
 
 from demo import model as demo_model
-from demo.overlay import montage, overlay
-from demo.scenes import save_samples
-from export.archive import build_archive
-from export.exporter import export_model
-from export.server import TorchServe
+from export.pipeline import export_and_archive
+from scenes.overlay import montage, overlay
+from scenes.synthetic import save_samples
+from serving.torchserve import TorchServe
 
 DEMO_DIR = Path(__file__).resolve().parent
 WEIGHTS = DEMO_DIR / "weights" / "shapes_cnn.pt"
 LABELS = DEMO_DIR / "labels.txt"
 MODEL_NAME = "shapes"
+SPEC = "demo.model:shapes_cnn"
+EXPORT_OPTIONS: dict[str, Any] = {
+    "weights": WEIGHTS,
+    "labels": LABELS,
+    "input_size": demo_model.INPUT_SIZE,
+    "mean": demo_model.MEAN,
+    "std": demo_model.STD,
+    "eager": True,
+    "dynamic_size": True,
+}
+"""How the demo CNN is exported (keyword arguments of :func:`export.exporter.export_model` besides the spec,
+folder, backends and name): shipped weights and labels, 128-pixel scale, eager model, any input size."""
 
 
 def build_demo_archive(
@@ -41,21 +52,9 @@ def build_demo_archive(
     pooling, so a request may ask for ``resize=none`` and be run at its own size (the 128-pixel training scale
     is the default, ``resize=model``).
     """
-    folders = export_model(
-        "demo.model:shapes_cnn",
-        out / "export" / name,
-        backends=(backend,),
-        weights=WEIGHTS,
-        labels=LABELS,
-        input_size=demo_model.INPUT_SIZE,
-        mean=demo_model.MEAN,
-        std=demo_model.STD,
-        name=name,
-        eager=True,
-        dynamic_size=True,
-        log=log,
+    return export_and_archive(
+        SPEC, out / "export" / name, model_store, backend=backend, name=name, log=log, **EXPORT_OPTIONS
     )
-    return build_archive(folders[backend], model_store, name=name, log=log)
 
 
 def post_image(server: TorchServe, path: Path, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:

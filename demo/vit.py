@@ -26,8 +26,7 @@ from pathlib import Path
 from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
-from demo.model import INPUT_SIZE, MEAN, STD
-from demo.scenes import CLASSES
+from demo.model import INPUT_SIZE, MEAN, NUM_CLASSES, STD
 
 __all__ = [
     "HIDDEN_DIM",
@@ -83,7 +82,7 @@ SPEC = "demo.vit:shapes_vit"
 """The factory as ``lafam-serve export`` takes it."""
 
 
-def shapes_vit(num_classes: int = len(CLASSES)) -> VisionTransformer:
+def shapes_vit(num_classes: int = NUM_CLASSES) -> VisionTransformer:
     """Build an untrained ShapesViT: torchvision's ``VisionTransformer`` at 128x128, 16-px patches, conv stem.
 
     Args:
@@ -136,20 +135,19 @@ def build_vit_archive(
     Returns:
         The path of the ``.mar``.
     """
-    from export.archive import build_archive
-    from export.exporter import export_model
+    from export.pipeline import export_and_archive
 
-    folders = export_model(
+    return export_and_archive(
         SPEC,
         Path(out) / "export" / name,
-        backends=(backend,),
+        model_store,
+        backend=backend,
+        name=name,
+        log=log,
         weights=weights,
         labels=LABELS,
         input_size=INPUT_SIZE,
         mean=MEAN,
         std=STD,
-        name=name,
         eager=True,
-        log=log,
     )
-    return build_archive(folders[backend], Path(model_store), name=name, log=log)

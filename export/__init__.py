@@ -1,4 +1,4 @@
-"""Build time: resolve a model, export it to verified ONNX / TorchScript graphs with their manifests.
+"""Build time: resolve a model, export it to verified ONNX / TorchScript graphs with their manifests, archive them.
 
 ``export`` may import ``handlers`` (the manifest schema, the backends used for verification); ``handlers``
 never imports ``export``.
@@ -7,6 +7,7 @@ never imports ``export``.
 from export.exporter import IMAGENET_MEAN, IMAGENET_STD, ExportError, export_model
 from export.models import ActivationModel, ModelSpecError, find_default_layer, resolve_model
 from export.onnx import OnnxExportError, export_onnx
+from export.pipeline import export_and_archive
 from export.torchscript import TorchScriptExportError, export_torchscript
 from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify_report
 
@@ -21,6 +22,7 @@ __all__ = [
     "TorchScriptExportError",
     "VerificationError",
     "VerificationReport",
+    "export_and_archive",
     "export_model",
     "export_onnx",
     "export_torchscript",

@@ -3,7 +3,8 @@
 One server for the module (demo archive, ONNX backend, one worker), driven by locust through
 :mod:`benchmarks.soak` (headless, bounded in time and count, stops by itself). The measured numbers
 (percentiles, recovery time, lost requests) are printed (``pytest -s``) and attached as user properties
-(``--junitxml``). The restart test runs last: it stops the module's server.
+(``--junitxml``), not compared with targets: speed is the benchmarks' business (``benchmarks.soak``). The
+restart test runs last: it stops the module's server.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from export.server import TorchServe, port_open, running
+from serving.torchserve import TorchServe, port_open, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,7 +34,8 @@ pytestmark = [
 MODEL = "shapes"
 USERS = 8
 SATURATION_SECONDS = 15
-RECOVERY_TARGET_S = 15.0
+RECOVERY_DEADLINE_S = 60.0
+"""How long the test polls for a successful request after the kill before it fails (a deadline, not a target)."""
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +92,8 @@ def test_saturation_mixed_load_has_no_unexpected_errors(
     from benchmarks.soak import KINDS, finish_load, start_load, summarize
 
     warm_up(server, MODEL, images(images_dir), USERS)
-    started = time.monotonic()
     load = start_load(server, images_dir, users=USERS, duration=SATURATION_SECONDS, work=tmp_path, max_requests=20000)
-    summary = summarize(finish_load(load))
-    elapsed = time.monotonic() - started
+    summary = summarize(finish_load(load))  # locust stopped by itself
 
     report = ", ".join(
         f"{kind} n={row['requests']} p50={row['p50']:.1f} p95={row['p95']:.1f}"
@@ -111,8 +111,8 @@ def test_saturation_mixed_load_has_no_unexpected_errors(
         assert summary["kinds"][kind]["requests"] > 0, kind
     assert summary["kinds"]["junk"]["statuses"] == {"400": summary["kinds"]["junk"]["requests"]}
     assert all(set(summary["kinds"][kind]["statuses"]) == {"200"} for kind in ("predict", "gradcam", "lrp"))
+    assert summary["requests"] == sum(row["requests"] for row in summary["kinds"].values())
     assert 0 < summary["p50"] <= summary["p95"]
-    assert elapsed < 60, f"the saturation run took {elapsed:.0f} s"
 
 
 def test_killed_worker_is_replaced_and_few_requests_are_lost(
@@ -132,11 +132,11 @@ def test_killed_worker_is_replaced_and_few_requests_are_lost(
     killed_at = time.time()
     os.kill(old_pid, signal.SIGKILL)
     while True:  # fast request loop: the time until a request succeeds again
-        status, _ = post(server, image, timeout=RECOVERY_TARGET_S * 2)
+        status, _ = post(server, image, timeout=RECOVERY_DEADLINE_S / 2)
         if status == 200:
             break
-        if time.time() - killed_at > RECOVERY_TARGET_S * 4:
-            pytest.fail(f"no successful request {RECOVERY_TARGET_S * 4:.0f} s after the kill:\n{server.log_tail()}")
+        if time.time() - killed_at > RECOVERY_DEADLINE_S:
+            pytest.fail(f"no successful request {RECOVERY_DEADLINE_S:.0f} s after the kill:\n{server.log_tail()}")
         time.sleep(0.05)
     recovery = time.time() - killed_at
     summary = summarize(finish_load(load))
@@ -150,7 +150,6 @@ def test_killed_worker_is_replaced_and_few_requests_are_lost(
     )
     record_property("recovery_s", round(recovery, 2))
     record_property("lost_requests", lost_count)
-    assert recovery < RECOVERY_TARGET_S
     assert lost_count <= USERS, lost  # only requests in flight at the kill may fail
     assert all(row[0] >= killed_at for row in lost)  # nothing failed before the kill
     assert len(new_pids) == 1

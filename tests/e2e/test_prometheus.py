@@ -27,7 +27,8 @@ import yaml
 from PIL import Image
 
 from demo.run import build_demo_archive
-from export.server import TorchServe, free_port, port_open, running
+from handlers.metrics import LATENCY_BUCKETS
+from serving.torchserve import TorchServe, free_port, port_open, running
 
 pytestmark = [
     pytest.mark.e2e,
@@ -51,8 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     root = tmp_path_factory.mktemp("prometheus-e2e")
     store = root / "model_store"
     build_demo_archive(root, store, backend="onnx", name=MODEL, log=lambda _: None)
-    # TorchServe.start points LAFAM_METRICS_ADDRESS at ports["lafam_metrics"] (a free port), overriding
-    # the suite's LAFAM_METRICS_ADDRESS=off, as in test_torchserve.py.
+    # TorchServe.start points the workers' LAFAM_METRICS_ADDRESS at ports["lafam_metrics"] (a free port) and
+    # LAFAM_METRICS_DIR into its workdir; each worker's initialize configures its metrics from them.
     # The Kubernetes ConfigMap's token lifetime, so that the probe test below runs against it.
     config = {"token_expiration_min": token_lifetime()}
     with running(store, [MODEL], workdir=root / "ts", config=config) as instance:
@@ -140,7 +141,6 @@ def send_traffic(server: TorchServe) -> None:
 
 
 def test_prometheus_scrapes_the_server_and_answers_the_explanation_p95(server: TorchServe, tmp_path: Path) -> None:
-    started = time.monotonic()
     log = tmp_path / "prometheus.log"
     with prometheus(scrape_config(server, tmp_path), tmp_path) as base:
 
@@ -161,14 +161,13 @@ def test_prometheus_scrapes_the_server_and_answers_the_explanation_p95(server: T
             return value if ready else None
 
         value = wait_for(p95, 20, "a finite explanation p95 for shapes/lafam (and a gradcam series)", log)
-        assert 0 < value <= 10  # seconds, within the histogram's buckets
+        assert 0 < value <= LATENCY_BUCKETS[-1]  # a quantile lies within the histogram's finite buckets
         # The series the HPA's adapter rule reads (TorchServe's own metrics, no token on 8082).
         for series in ("ts_queue_latency_microseconds", "ts_inference_requests_total"):
             assert api(base, "/api/v1/query", query=f'{series}{{model_name="{MODEL}"}}')["result"], series
         # The shipped alert rules load in a real Prometheus.
         groups = {group["name"] for group in api(base, "/api/v1/rules")["groups"]}
         assert "lafam-serve" in groups
-    assert time.monotonic() - started < 60
 
 
 def test_kubernetes_probe_command_pings_with_the_pods_key(server: TorchServe) -> None:

@@ -1,7 +1,7 @@
 """Security defaults, checked on the shipped configuration and on a real TorchServe started from it.
 
 One server for the module (the demo model as ONNX, free loopback ports, always stopped). Its config is
-the shipped ``config.properties`` with only the ports changed (``export.server.TorchServe``), so what
+the shipped ``config.properties`` with only the ports changed (``serving.torchserve.TorchServe``), so what
 holds here holds for ``torchserve --ts-config config.properties``.
 """
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 import handlers
 from demo.run import build_demo_archive
-from export.server import REPO_CONFIG, TorchServe, port_open, read_properties, running
+from serving.torchserve import REPO_CONFIG, TorchServe, port_open, read_properties, running
 
 from .test_torchserve import call, predict
 
@@ -148,27 +148,25 @@ def test_lafam_metrics_exporter_defaults_to_loopback() -> None:
 # model API and URLs
 
 
-def test_registering_a_model_over_http_is_refused(server: TorchServe) -> None:
-    for url in (f"{MODEL}.mar", "https://example.com/evil.mar", "file:///etc/passwd"):
-        request = urllib.request.Request(
-            server.url("management") + f"/models?url={url}",
-            method="POST",
-            headers={"Authorization": f"Bearer {server.token('management')}"},
-        )
-        with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(request, timeout=10)
-        assert error.value.code in (400, 403, 405), url
-
-
-def test_unregistering_a_model_over_http_is_refused(server: TorchServe, scene: bytes) -> None:
+def management_error(server: TorchServe, path: str, method: str) -> int:
+    """The HTTP error status of a management call made with the management key (fails if it succeeds)."""
     request = urllib.request.Request(
-        server.url("management") + f"/models/{MODEL}",
-        method="DELETE",
+        server.url("management") + path,
+        method=method,
         headers={"Authorization": f"Bearer {server.token('management')}"},
     )
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=10)
-    assert error.value.code in (400, 403, 405)
+    return error.value.code
+
+
+def test_registering_a_model_over_http_is_refused(server: TorchServe) -> None:
+    for url in (f"{MODEL}.mar", "https://example.com/evil.mar", "file:///etc/passwd"):
+        assert management_error(server, f"/models?url={url}", "POST") in (400, 403, 405), url
+
+
+def test_unregistering_a_model_over_http_is_refused(server: TorchServe, scene: bytes) -> None:
+    assert management_error(server, f"/models/{MODEL}", "DELETE") in (400, 403, 405)
     assert predict(server, MODEL, scene)[0] == 200
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from benchmarks import architectures, distribution_quality, explain_speed
 from benchmarks._report import replace_section, section
 
 OTHER = "<!-- lafam-overhead -->\n## LaFAM overhead\n\n| a |\n|---|\n| 1 |\n<!-- lafam-overhead -->\n"
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """The benchmarks set torch's thread count: put it back after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cells(text: str, row: str) -> list[str]:
@@ -27,14 +36,10 @@ def _ratio(cell: str) -> float:
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str], torch_threads: None) -> None:
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n" + OTHER + "\nkept prose\n")
-    threads = torch.get_num_threads()
-    try:
-        assert explain_speed.main(["--quick", "--write", str(results)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert explain_speed.main(["--quick", "--write", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\n" + OTHER + "\nkept prose\n")
     assert text.count(explain_speed.START_MARKER) == 1
@@ -128,13 +133,9 @@ def test_archs_and_quick_defaults() -> None:
         explain_speed.parse_settings(["--archs", "not_a_model"])
 
 
-def test_distribution_quality_runs_and_writes_its_section(tmp_path: Path) -> None:
+def test_distribution_quality_runs_and_writes_its_section(tmp_path: Path, torch_threads: None) -> None:
     results = tmp_path / "RESULTS.md"
-    threads = torch.get_num_threads()
-    try:
-        assert distribution_quality.main(["--scenes", "2", "--write", str(results)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert distribution_quality.main(["--scenes", "2", "--write", str(results)]) == 0
     text = results.read_text()
     assert text.count(distribution_quality.START_MARKER) == 1
     for row in ("LRP alone", "LRP distribution, exact", "LRP distribution, fast", "input×gradient distribution, fast"):
@@ -143,14 +144,10 @@ def test_distribution_quality_runs_and_writes_its_section(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_architectures_quick_run_explains_every_family_with_every_method(tmp_path: Path) -> None:
+def test_architectures_quick_run_explains_every_family_with_every_method(tmp_path: Path, torch_threads: None) -> None:
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n" + OTHER)
-    threads = torch.get_num_threads()
-    try:
-        assert architectures.main(["--quick", "--write", str(results)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert architectures.main(["--quick", "--write", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\n" + OTHER)
     assert text.count(architectures.START_MARKER) == 1
