@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import demo
 from demo.run import EXPORT_OPTIONS, MODEL_NAME, SPEC
 from export.exporter import export_model
+
+DEMO = Path(demo.__file__).parent
+"""The demo package's folder (labels, weights, the model's source)."""
 
 
 def export_demo(folder: Path, backend: str = "torchscript") -> Path:
