@@ -59,7 +59,8 @@ def test_archive_serves_without_the_repository(archive: Path, tmp_path: Path) ->
             system_properties = {{"model_dir": {str(model_dir)!r}, "gpu_id": None}}
             model_yaml_config = yaml.safe_load(open({str(model_dir / "model-config.yaml")!r}))
             def __init__(self): self.status = {{}}
-            def get_all_request_header(self, idx): return {{"body": {{"content-type": "image/png"}}}}
+            def get_all_request_header(self, idx):  # a REST request: its HTTP headers and the body's type
+                return {{"content-length": "1", "content-type": "image/png", "body": {{"content-type": "image/png"}}}}
             def set_response_status(self, code, phrase, idx): self.status[idx] = code
             def set_response_content_type(self, idx, value): pass
 
