@@ -403,10 +403,11 @@ def report(rows: Sequence[Row], cols: Sequence[Column], settings: argparse.Names
         lines += [
             "",
             f"{ZERO}: answered, but every map is zero. A distribution keeps a location only where "
-            "`softmax_k(T·|A_k|)` beats the uniform share 1/K by τ (the paper's T = 10, τ = 0.01); it compares raw "
-            "magnitudes, and the pixel relevances of these random models are small (LRP on ResNet-50: at most "
-            "0.009 per pixel), so `T·|A|` ≪ 1 and no class wins anywhere. A larger `temperature` option brings the "
-            "maps back (T = 1000 does on ResNet-50).",
+            "`softmax_k(T·|A_k|/s)` beats the uniform share 1/K by τ (the paper's T = 10, τ = 0.01). With "
+            "`normalize=max` (the default) the attribution's scale no longer matters; what empties a map here is "
+            "that a random model's competing classes (the top two, with near-equal logits, and the least likely) "
+            "get nearly the same LRP map (z⁺ relevance takes the same paths whatever the class), so no class "
+            "beats 1/K by τ anywhere: there is no class-specific evidence to show.",
         ]
     if failures:
         lines += ["", "Failures (the server's error message):", ""]
