@@ -11,20 +11,30 @@ handled here: every gRPC reply carries ``ts_stream_next: false`` (without it the
 ``StreamPredictions`` reply and restarts the worker), and since the frontend ignores a per-request status
 on gRPC, a failed request alone in its batch is raised as the batch's error, which the frontend turns into
 a gRPC status code.
+
+Under KServe's envelopes (``service_envelope=kserve`` or ``kservev2`` in ``config.properties``) TorchServe
+calls ``handle`` from the envelope, with the instances (v1) or input tensors (v2) of the request in place of
+its parameters, and wraps the returned list in the envelope's response. :mod:`handlers.kserve` maps each one
+to the service's JSON body; the request's status is the first failed instance's (200 when none failed), and
+each instance's answer, response or error body, sits at its place in the envelope's list.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 from ts.utils.util import PredictionException
 
-from . import metrics
-from .service import LafamService, Request
+from . import kserve, metrics
+from .errors import InvalidJSON, ServeError
+from .service import LafamService, Reply, Request
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +79,20 @@ class LafamHandler:
             ", ".join(self.service.explain_methods),
         )
 
-    def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[str] | None:
+    def handle(self, data: list[Any] | None, context: Any) -> list[Any] | None:
         """Answer a batch; each request gets its own status and a compact JSON body.
 
         Raises:
             PredictionException: a unary or server-streaming gRPC request, alone in its batch, failed; the
                 message is its JSON error body and the code its HTTP status.
         """
-        if data is None:
+        envelope = _envelope(sys._getframe(1).f_locals.get("self"))
+        if data is None and envelope is None:
             return None
         if self.service is None:
             self.initialize(context)
+        if envelope is not None:
+            return self._handle_envelope(envelope, data, context)
         calls = [_call(index, item, context) for index, item in enumerate(data)]
         replies = self.service.predict([call.request for call in calls])
         bodies = [json.dumps(reply.body, separators=(",", ":")) for reply in replies]
@@ -95,6 +108,53 @@ class LafamHandler:
                 context.set_response_header(index, STREAM_NEXT, "false")
         return bodies
 
+    def _handle_envelope(self, envelope: str, items: list[Any] | None, context: Any) -> list[Any]:
+        """Answer the instances (v1) or input tensors (v2) of one request that a KServe envelope unpacked."""
+        assert self.service is not None
+        headers, _ = _headers(context, 0)
+        explain = _is_true(headers.get("explain"))
+        to_body = kserve.v1_body if envelope == kserve.V1 else kserve.v2_body
+        replies: list[Reply | None] = []
+        requests: list[Request] = []
+        if not items:  # v1 without instances; v2 always has inputs (the envelope fails before otherwise)
+            field = '"instances": [...]' if envelope == kserve.V1 else '"inputs": [...]'
+            replies.append(self.service.failure(InvalidJSON(f"the request has no images: send {field}")))
+        for item in items or ():
+            try:
+                body = to_body(item)
+            except ServeError as exc:
+                replies.append(self.service.failure(exc))
+                continue
+            replies.append(None)
+            requests.append(
+                Request(
+                    parameters={"body": body},
+                    headers=headers,
+                    content_types={"body": "application/json"},
+                    explain=explain,
+                )
+            )
+        answered = iter(self.service.predict(requests) if requests else ())
+        done = [reply or next(answered) for reply in replies]
+        failed = next((reply for reply in done if reply.status >= 400), None)
+        status = failed or Reply(200, {})
+        context.set_response_status(status.status, status.phrase, 0)
+        context.set_response_content_type(0, "application/json")
+        if not set(headers) - _sequence_keys(context):  # came by gRPC: end a StreamPredictions stream
+            context.set_response_header(0, STREAM_NEXT, "false")
+        if envelope == kserve.V1:
+            return [reply.body for reply in done]  # the envelope puts them under "predictions"
+        return [json.dumps(reply.body, separators=(",", ":")) for reply in done]  # BYTES outputs
+
+
+def _envelope(caller: Any) -> str | None:
+    """Name the KServe envelope that called ``handle`` (it passes itself as ``self``), or ``None``."""
+    if isinstance(caller, KServev2Envelope):
+        return kserve.V2
+    if isinstance(caller, KServeEnvelope):
+        return kserve.V1
+    return None
+
 
 @dataclass(frozen=True)
 class _Call:
@@ -105,7 +165,8 @@ class _Call:
     sequence: bool
 
 
-def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
+def _headers(context: Any, index: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The request's headers (names lower-cased) and the content type of each of its parameters."""
     headers: dict[str, str] = {}
     content_types: dict[str, str] = {}
     for key, value in (context.get_all_request_header(index) or {}).items():
@@ -113,9 +174,14 @@ def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
             content_types[key] = str(value.get("content-type") or "")
         else:
             headers[str(key).lower()] = str(value)
+    return headers, content_types
+
+
+def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
+    headers, content_types = _headers(context, index)
     # A REST request brings its HTTP headers (Netty always sets Content-Length); a gRPC call brings none of
     # its metadata, only its input fields, plus TorchServe's sequence keys when it came by StreamPredictions2.
-    sequence_keys = {str(getattr(context, key, default)).lower() for key, default in SEQUENCE_KEYS.items()}
+    sequence_keys = _sequence_keys(context)
     grpc = not set(headers) - sequence_keys
     # POST /explanations/{model} carries the header explain: True; gRPC has no such route, so an input field
     # says it (over REST a field of that name is an ordinary form field and opens nothing)
@@ -123,6 +189,10 @@ def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
     explain = _is_true(parameters.get("explain") if grpc else headers.get("explain"))
     request = Request(parameters=parameters, headers=headers, content_types=content_types, explain=explain)
     return _Call(request=request, grpc=grpc, sequence=grpc and bool(set(headers) & sequence_keys))
+
+
+def _sequence_keys(context: Any) -> set[str]:
+    return {str(getattr(context, key, default)).lower() for key, default in SEQUENCE_KEYS.items()}
 
 
 def _is_true(value: Any) -> bool:

@@ -265,15 +265,15 @@ class LafamService:
             try:
                 prepared.append(self._prepare(index, request))
             except Exception as exc:  # noqa: BLE001 - one bad request fails alone
-                replies[index] = self._failure(exc)
+                replies[index] = self.failure(exc)
         if prepared:
             try:
                 for item, reply in zip(prepared, self._run(prepared), strict=True):
                     replies[item.index] = reply
             except Exception as exc:  # noqa: BLE001 - answered as 500 each, the worker keeps serving
                 for item in prepared:
-                    replies[item.index] = self._failure(exc)
-        done = [reply or self._failure(RuntimeError("request left unanswered")) for reply in replies]
+                    replies[item.index] = self.failure(exc)
+        done = [reply or self.failure(RuntimeError("request left unanswered")) for reply in replies]
         for reply in done:
             metrics.count(metrics.REQUESTS, status=f"{reply.status // 100}xx", **self._labels)
         return done
@@ -315,7 +315,7 @@ class LafamService:
             try:
                 answered = self._run_group(group)
             except Exception as exc:  # noqa: BLE001 - answered as 500 each, the other sizes are still run
-                answered = [self._failure(exc) for _ in group]
+                answered = [self.failure(exc) for _ in group]
             replies.update((item.index, reply) for item, reply in zip(group, answered, strict=True))
         return [replies[item.index] for item in prepared]
 
@@ -355,7 +355,7 @@ class LafamService:
                     )
                     body["explanation"] = self._explain(inputs, item.image.original_size)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
-                replies.append(self._failure(exc))
+                replies.append(self.failure(exc))
                 continue
             if body["explanation"] is not None:
                 metrics.observe(metrics.EXPLANATION_SECONDS, time.perf_counter() - start, method=method, **self._labels)
@@ -432,7 +432,8 @@ class LafamService:
             metrics.observe(metrics.MAP_BORDER, statistics.border_share, **labels)
             metrics.observe(metrics.MAP_PEAK_OFFSET, statistics.peak_offset, **labels)
 
-    def _failure(self, exc: BaseException) -> Reply:
+    def failure(self, exc: BaseException) -> Reply:
+        """The reply to a request that failed, counted as an error (also for one rejected before :meth:`predict`)."""
         status, body = to_response(exc)
         code = exc.code if isinstance(exc, ServeError) else "internal_error"
         metrics.count(metrics.ERRORS, code=code, **self._labels)

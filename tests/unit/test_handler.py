@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client.mmap_dict import MmapedDict
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 from ts.utils.util import PredictionException
 
 from handlers import metrics
@@ -330,3 +333,134 @@ def test_stream_predictions2_and_rest_failures_are_never_raised(tiny_export: Pat
     assert context.response_headers[0] == {"ts_stream_next": "false"}
     bodies, context = serve(tiny_export, [{"body": bytearray(b"junk")}])
     assert context.statuses[0][0] == 400
+
+
+# KServe's envelopes (service_envelope=kserve | kservev2): the real envelopes wrap the handler as TorchServe does.
+
+
+@dataclass
+class EnvelopeContext(FakeContext):
+    """What TorchServe's KServe envelopes read of the context, besides what the handler reads."""
+
+    manifest: dict = field(default_factory=lambda: {"model": {"modelName": "tiny", "modelVersion": "1.0"}})
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.get_all_request_header(idx).get(key)
+
+    def get_request_id(self, idx: int = 0) -> str:
+        return "request-0"
+
+
+def through_envelope(folder: Path, envelope: str, body: dict, headers: dict | None = None):
+    context = EnvelopeContext(str(folder), headers=[{"body": {"content-type": "application/json"}, **(headers or {})}])
+    handler = LafamHandler()
+    handler.initialize(context)
+    wrapper = (KServeEnvelope if envelope == "kserve" else KServev2Envelope)(handler.handle)
+    (response,) = wrapper.handle([{"body": body}], context)
+    return response, context
+
+
+def b64_png(**kwargs: object) -> str:
+    return base64.b64encode(image_bytes(**kwargs)).decode()
+
+
+def v2_input(data: object, name: str = "image-0", datatype: str = "BYTES", shape: list | None = None, **extra: object):
+    return {"name": name, "shape": shape or [1], "datatype": datatype, "data": [data], **extra}
+
+
+def test_kserve_v1_instance_shapes_become_the_json_body(tiny_export: Path) -> None:
+    encoded = b64_png()
+    instances = [
+        {"data": encoded},
+        {"data": {"b64": encoded}},
+        {"image": encoded, "options": {"top_k": 2, "format": "array"}},
+        {"image": {"b64": encoded}},
+        encoded,
+    ]
+    response, context = through_envelope(tiny_export, "kserve", {"instances": instances})
+    assert context.statuses[0][0] == 200
+    assert context.content_types[0] == "application/json"
+    answers = response["predictions"]
+    assert len(answers) == len(instances)
+    assert all(answer["explanation"]["method"] == "lafam" for answer in answers)
+    assert [len(answer["predictions"]) for answer in answers] == [4, 4, 2, 4, 4]
+    assert answers[2]["explanation"]["format"] == "array"
+    assert answers[0] == answers[1] == answers[3] == answers[4]
+
+
+@pytest.mark.parametrize(
+    ("instance", "code"),
+    [
+        ({"data": base64.b64encode(b"not an image").decode()}, "invalid_image"),
+        ({"data": "***"}, "invalid_json"),
+        ({"data": {"b64": 5}}, "invalid_json"),
+        ({"data": "x", "image": "y"}, "invalid_json"),
+        ({"img": "x"}, "invalid_json"),
+        ({"data": b64_png(), "options": {"top_k": 0}}, "invalid_option"),
+        (5, "invalid_json"),
+    ],
+)
+def test_kserve_v1_bad_instance_keeps_its_code_and_fails_alone(tiny_export: Path, instance: object, code: str) -> None:
+    response, context = through_envelope(tiny_export, "kserve", {"instances": [{"data": b64_png()}, instance]})
+    assert context.statuses[0] == (400, "Bad Request")  # the first failure's status is the request's
+    good, bad = response["predictions"]
+    assert good["explanation"]["method"] == "lafam"
+    assert bad["error"]["code"] == code
+    assert bad["error"]["message"]
+
+
+def test_kserve_v1_without_instances_is_a_400(tiny_export: Path) -> None:
+    response, context = through_envelope(tiny_export, "kserve", {"inputs": []})
+    assert context.statuses[0][0] == 400
+    assert response["predictions"][0]["error"]["code"] == "invalid_json"
+
+
+def test_kserve_v1_explain_header_opens_explanations(tiny_export: Path) -> None:
+    response, context = through_envelope(
+        tiny_export, "kserve", {"instances": [{"data": b64_png()}]}, {"explain": "True"}
+    )
+    assert context.statuses[0][0] == 200
+    assert response["explanations"][0]["explanation"]["method"] == "lafam"
+
+
+def test_kserve_v2_bytes_tensors_answer_bytes_outputs(tiny_export: Path) -> None:
+    inputs = [
+        v2_input(b64_png()),
+        v2_input(b64_png(), name="with-options", parameters={"options": {"top_k": 1}}),
+        v2_input(b64_png(), name="options-as-text", parameters={"options": '{"format": "none"}'}),
+    ]
+    response, context = through_envelope(tiny_export, "kservev2", {"id": "abc", "inputs": inputs})
+    assert context.statuses[0][0] == 200
+    assert response["id"] == "abc"
+    assert response["model_name"] == "tiny"
+    outputs = response["outputs"]
+    assert [output["name"] for output in outputs] == ["image-0", "with-options", "options-as-text"]
+    assert all(output["datatype"] == "BYTES" and list(output["shape"]) == [1] for output in outputs)
+    answers = [json.loads(output["data"][0]) for output in outputs]
+    assert answers[0]["explanation"]["method"] == "lafam"
+    assert len(answers[1]["predictions"]) == 1
+    assert answers[2]["explanation"] is None
+
+
+@pytest.mark.parametrize(
+    ("tensor", "code"),
+    [
+        (v2_input(base64.b64encode(b"GIF89a\x01\x00").decode()), "invalid_image"),
+        (v2_input(1, datatype="INT64"), "invalid_json"),
+        (v2_input("x", shape=[2]), "invalid_json"),
+        (v2_input(b64_png(), parameters={"options": "{bad"}), "invalid_json"),
+        (v2_input(b64_png(), parameters={"options": {"colour": "red"}}), "invalid_option"),
+    ],
+)
+def test_kserve_v2_bad_tensor_keeps_its_code(tiny_export: Path, tensor: dict, code: str) -> None:
+    response, context = through_envelope(tiny_export, "kservev2", {"inputs": [tensor, v2_input(b64_png(), name="ok")]})
+    assert context.statuses[0][0] == 400
+    bad, good = (json.loads(output["data"][0]) for output in response["outputs"])
+    assert bad["error"]["code"] == code
+    assert good["explanation"]["method"] == "lafam"
+
+
+def test_plain_handle_call_is_not_taken_for_an_envelope(tiny_export: Path) -> None:
+    bodies, context = serve(tiny_export, [{"body": {"image": b64_png()}}])
+    assert context.statuses[0][0] == 200
+    assert bodies[0]["explanation"]["method"] == "lafam"
