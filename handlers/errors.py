@@ -89,6 +89,21 @@ class InternalError(ServeError):
     code = "internal_error"
 
 
+SHOWN_CHARACTERS = 80
+"""How much of a client's value an error message repeats."""
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to :data:`SHOWN_CHARACTERS` characters.
+
+    A 5000-character header is not echoed back whole.
+    """
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[: SHOWN_CHARACTERS - 1]}… ({len(text)} characters)"
+
+
 def to_response(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """Map any exception to an HTTP status and a JSON error body.
 

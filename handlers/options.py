@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import InvalidOption
+from .errors import InvalidOption, shown
 from .explain.distribution import NORMALIZE, TAU, TEMPERATURE
 from .manifest import Manifest
 from .methods import registry
@@ -89,7 +89,7 @@ DEFAULT_BASE: str = RequestOptions.base
 def _choice(name: str, value: Any, valid: tuple[str, ...], hint: str = "") -> str:
     if not isinstance(value, str) or value.strip().lower() not in valid:
         raise InvalidOption(
-            f"option {name!r} has invalid value {value!r}; valid values: {', '.join(valid)}{hint}",
+            f"option {name!r} has invalid value {shown(value)}; valid values: {', '.join(valid)}{hint}",
             option=name,
             valid=list(valid),
         )
@@ -108,7 +108,7 @@ def _bounded_int(name: str, value: Any, low: int, high: int, why: str = "") -> i
     number = _integer(value)
     if number is None or not low <= number <= high:
         raise InvalidOption(
-            f"option {name!r} must be an integer from {low} to {high}{why}, got {value!r}",
+            f"option {name!r} must be an integer from {low} to {high}{why}, got {shown(value)}",
             option=name,
             valid=f"{low}..{high}",
         )
@@ -118,7 +118,7 @@ def _bounded_int(name: str, value: Any, low: int, high: int, why: str = "") -> i
 def _number(name: str, value: Any, valid: Callable[[float], bool], rule: str) -> float:
     number: Any = float(value) if isinstance(value, str) and _FLOAT_PATTERN.match(value) else value
     if isinstance(number, bool) or not isinstance(number, int | float) or not valid(number):
-        raise InvalidOption(f"option {name!r} must be a number {rule}, got {value!r}", option=name, valid=rule)
+        raise InvalidOption(f"option {name!r} must be a number {rule}, got {shown(value)}", option=name, valid=rule)
     return float(number)
 
 
@@ -135,7 +135,9 @@ def _boolean(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
         return _BOOLEANS[value.strip().lower()]
-    raise InvalidOption(f"option {name!r} must be true or false, got {value!r}", option=name, valid=["true", "false"])
+    raise InvalidOption(
+        f"option {name!r} must be true or false, got {shown(value)}", option=name, valid=["true", "false"]
+    )
 
 
 def _classes(value: Any, num_outputs: int) -> tuple[int, ...]:
@@ -143,12 +145,13 @@ def _classes(value: Any, num_outputs: int) -> tuple[int, ...]:
     numbers = [_integer(item) for item in items] if isinstance(items, list | tuple) else [None]
     if not numbers or any(n is None or not 0 <= n < num_outputs for n in numbers):
         raise InvalidOption(
-            f"option 'classes' must list class indices from 0 to {num_outputs - 1} ([3, 7] or '3,7'), got {value!r}",
+            f"option 'classes' must list class indices from 0 to {num_outputs - 1} ([3, 7] or '3,7'), "
+            f"got {shown(value)}",
             option="classes",
             valid=f"0..{num_outputs - 1}",
         )
     if len(set(numbers)) != len(numbers):
-        raise InvalidOption(f"option 'classes' repeats a class: {value!r}", option="classes")
+        raise InvalidOption(f"option 'classes' repeats a class: {shown(value)}", option="classes")
     return tuple(numbers)  # type: ignore[arg-type]  # None excluded above
 
 
@@ -167,7 +170,7 @@ def _size(value: Any) -> str | tuple[int, int]:
     ):
         return (sides[0], sides[1])
     raise InvalidOption(
-        f"option 'size' must be 'input', 'original', 'HxW' or [H, W] with sides 1..{MAX_MAP_SIDE}, got {value!r}",
+        f"option 'size' must be 'input', 'original', 'HxW' or [H, W] with sides 1..{MAX_MAP_SIDE}, got {shown(value)}",
         option="size",
         valid=["input", "original", "HxW", "[H, W]"],
     )
@@ -176,7 +179,7 @@ def _size(value: Any) -> str | tuple[int, int]:
 def _layer(value: Any, manifest: Manifest) -> str:
     if not isinstance(value, str) or value not in manifest.layer_names:
         raise InvalidOption(
-            f"option 'layer' has invalid value {value!r}; exported layers: {', '.join(manifest.layer_names)}",
+            f"option 'layer' has invalid value {shown(value)}; exported layers: {', '.join(manifest.layer_names)}",
             option="layer",
             valid=list(manifest.layer_names),
         )

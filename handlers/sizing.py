@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from .errors import InvalidOption
+from .errors import InvalidOption, shown
 from .manifest import Manifest
 
 RESIZE_KEYWORDS: tuple[str, ...] = ("model", "none")
@@ -54,7 +54,7 @@ def parse_resize(value: Any, manifest: Manifest) -> str | int:
     if resize is None or (isinstance(resize, int) and not low <= resize <= MAX_RESIZE_SIDE):
         raise InvalidOption(
             f"option 'resize' must be 'model', 'none' or a maximum side N from {low} to {MAX_RESIZE_SIDE}, "
-            f"got {value!r}",
+            f"got {shown(value)}",
             option="resize",
             valid=[*RESIZE_KEYWORDS, f"{low}..{MAX_RESIZE_SIDE}"],
         )
@@ -91,11 +91,11 @@ def input_size(
     if isinstance(resize, int) and max(height, width) > resize:
         scale = resize / max(height, width)
         height, width = max(1, round(height * scale)), max(1, round(width * scale))
-    shown = f"resize={resize!r} gives a {height}x{width} input"
+    outcome = f"resize={resize!r} gives a {height}x{width} input"
     low = min_side(manifest)
     if min(height, width) < low:
         raise InvalidOption(
-            f"option 'resize': {shown} (from a {image_size[0]}x{image_size[1]} image), under the model's minimum "
+            f"option 'resize': {outcome} (from a {image_size[0]}x{image_size[1]} image), under the model's minimum "
             f"side of {low} pixels (its total stride); send a larger image, a larger N, or resize=model",
             option="resize",
             valid=[*RESIZE_KEYWORDS, f"{low}..{MAX_RESIZE_SIDE}"],
@@ -103,7 +103,7 @@ def input_size(
     if height * width > max_pixels:
         largest = math.isqrt(max_pixels)
         raise InvalidOption(
-            f"option 'resize': {shown} = {height * width} pixels, over the limit of {max_pixels} pixels per input "
+            f"option 'resize': {outcome} = {height * width} pixels, over the limit of {max_pixels} pixels per input "
             f"(e.g. {largest}x{largest}); send a maximum side N (resize={largest} fits any image) or resize=model",
             option="resize",
             valid=[*RESIZE_KEYWORDS, f"{low}..{MAX_RESIZE_SIDE}"],

@@ -407,3 +407,13 @@ def test_methods_parameter_restricts_methods_and_shows_the_hint() -> None:
     )
     for method in ("lrp", "gradcam", "lafam"):
         assert parse_explain(body={"method": method}, methods=("lrp", "gradcam", "lafam")).method == method
+
+
+def test_an_error_message_does_not_echo_a_huge_value_whole() -> None:
+    huge = "7" * 5000
+    for name in ("top_k", "size", "resize", "format"):
+        with pytest.raises(InvalidOption) as info:
+            parse_options(MANIFEST, body={name: huge})
+        message = str(info.value)
+        assert "(5002 characters)" in message, message
+        assert len(message) < 400, message
