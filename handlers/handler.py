@@ -140,7 +140,7 @@ class LafamHandler:
         status = failed or Reply(200, {})
         context.set_response_status(status.status, status.phrase, 0)
         context.set_response_content_type(0, "application/json")
-        if not set(headers) - _sequence_keys(context):  # came by gRPC: end a StreamPredictions stream
+        if _came_by_grpc(headers, _sequence_keys(context)):  # end a StreamPredictions stream
             context.set_response_header(0, STREAM_NEXT, "false")
         if envelope == kserve.V1:
             return [reply.body for reply in done]  # the envelope puts them under "predictions"
@@ -179,16 +179,23 @@ def _headers(context: Any, index: int) -> tuple[dict[str, str], dict[str, str]]:
 
 def _call(index: int, item: dict[str, Any], context: Any) -> _Call:
     headers, content_types = _headers(context, index)
-    # A REST request brings its HTTP headers (Netty always sets Content-Length); a gRPC call brings none of
-    # its metadata, only its input fields, plus TorchServe's sequence keys when it came by StreamPredictions2.
     sequence_keys = _sequence_keys(context)
-    grpc = not set(headers) - sequence_keys
+    grpc = _came_by_grpc(headers, sequence_keys)
     # POST /explanations/{model} carries the header explain: True; gRPC has no such route, so an input field
     # says it (over REST a field of that name is an ordinary form field and opens nothing)
     parameters = item or {}
     explain = _is_true(parameters.get("explain") if grpc else headers.get("explain"))
     request = Request(parameters=parameters, headers=headers, content_types=content_types, explain=explain)
     return _Call(request=request, grpc=grpc, sequence=grpc and bool(set(headers) & sequence_keys))
+
+
+def _came_by_grpc(headers: dict[str, str], sequence_keys: set[str]) -> bool:
+    """Whether a request came by gRPC: it has no header but TorchServe's sequence keys.
+
+    A REST request brings its HTTP headers (Netty always sets Content-Length); a gRPC call brings none of its
+    metadata, only its input fields, plus TorchServe's sequence keys when it came by StreamPredictions2.
+    """
+    return not set(headers) - sequence_keys
 
 
 def _sequence_keys(context: Any) -> set[str]:
