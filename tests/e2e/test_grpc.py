@@ -312,7 +312,8 @@ def test_management_needs_the_management_key_and_registers_nothing(
 def test_grpc_listens_on_loopback_only(server: TorchServe) -> None:
     frontend = server.frontend_process()
     assert frontend is not None
-    listening = {c.laddr.port: c.laddr.ip for c in frontend.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    connections = getattr(frontend, "net_connections", None) or frontend.connections  # psutil < 6 (kserve's pin)
+    listening = {c.laddr.port: c.laddr.ip for c in connections("inet") if c.status == psutil.CONN_LISTEN}
     for api in ("grpc_inference", "grpc_management"):
         address = ipaddress.ip_address(listening[server.ports[api]])  # Java: ::ffff:127.0.0.1, IPv4 on IPv6
         assert (getattr(address, "ipv4_mapped", None) or address).is_loopback, (api, listening)

@@ -26,7 +26,7 @@ import pytest
 from tests.unit.test_metrics import fresh_environment
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("handlers", "scenes", "export", "serving", "evaluation", "demo", "cli", "benchmarks")
+PACKAGES = ("handlers", "scenes", "export", "engines", "serving", "evaluation", "demo", "cli", "benchmarks")
 """The project's packages, each after those it imports, so that a side effect shows at its own module."""
 
 

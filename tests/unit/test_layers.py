@@ -4,8 +4,9 @@ From the bottom; a package may import the packages named on its line, and itself
 
 - ``handlers`` (what runs in a TorchServe worker) and ``scenes`` (synthetic scenes, overlays): nothing.
 - ``export`` (export, verification, archiving): ``handlers``.
+- ``engines`` (the KServe and Ray engines and their shared HTTP contract): ``handlers``.
 - ``serving`` (TorchServe processes): nothing.
-- ``evaluation`` and ``demo``: the layers below (``handlers``, ``scenes``, ``export``, ``serving``); not each other.
+- ``evaluation`` and ``demo``: the layers below (``handlers``, ``scenes``, ``export``, ``engines``, ``serving``); not each other.
 - ``cli`` (the ``lafam-serve`` command): all of the above.
 - ``benchmarks``: all of the above and ``cli``.
 - ``tests``: anything; nothing imports ``tests``.
@@ -25,11 +26,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LOWER = ("handlers", "scenes", "export", "serving")
+LOWER = ("handlers", "scenes", "export", "engines", "serving")
 ALLOWED: dict[str, frozenset[str]] = {
     "handlers": frozenset(),
     "scenes": frozenset(),
     "export": frozenset({"handlers"}),
+    "engines": frozenset({"handlers"}),
     "serving": frozenset(),
     "evaluation": frozenset(LOWER),
     "demo": frozenset(LOWER),
