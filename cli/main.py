@@ -1,4 +1,4 @@
-"""The ``lafam-serve`` command: export, archive, eval, explain, demo."""
+"""The ``lafam-serve`` command: export, archive, eval, explain, serve, demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli import offline
+from cli import serve as serve_cli
 from export.exporter import IMAGENET_MEAN, IMAGENET_STD
 
 EXPORT_ARGUMENTS = (
@@ -135,6 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     offline.add_arguments(explain)
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve archives with TorchServe, KServe's model server or Ray Serve until stopped",
+        description="Serve ARCHIVEs (.mar files or export folders) on one engine: the same routes "
+        "(/predictions, /explanations, KServe v1 :predict/:explain, v2 /infer on kserve and ray), answers, "
+        "errors and lafam_* metrics on each.",
+        epilog=serve_cli.EXIT_CODES,
+    )
+    serve_cli.add_arguments(serve)
+
     demo = commands.add_parser("demo", help="build the demo model, serve it, query it, write overlays, stop")
     demo.add_argument("--out", type=Path, default=Path("out"))
     demo.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -184,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         elif args.command == "explain":
             return offline.run(args)
+        elif args.command == "serve":
+            return serve_cli.run(args)
         elif args.command == "demo":
             from demo.run import run_demo
 
