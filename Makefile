@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python -m benchmarks.distribution_quality --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.architectures --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.serving --write benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.engines --write benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.soak --write benchmarks/RESULTS.md
 
 # The 10-minute mixed-load soak alone (also part of bench).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import io
 import json
 import shutil
@@ -294,3 +295,20 @@ def test_health_is_open_and_the_token_shared(server: EngineServer) -> None:
     assert server.call("GET", "/v2/health/ready", token=False)[0] == 200
     assert server.call("GET", "/v1/models/shapes", token=False) == (200, {"name": "shapes", "ready": True})
     assert server.token() == TOKEN  # one token, whatever the replica
+
+
+@pytest.mark.parametrize("engine", [p for p in ENGINE_PARAMS if p.id == "kserve"])
+def test_engine_benchmark_runs(engine: str, tmp_path: Path) -> None:
+    """``benchmarks.engines`` end to end on one engine, a few seconds of load: a row with figures."""
+    if importlib.util.find_spec("locust") is None:  # not imported: locust's gevent patches ssl in this process
+        pytest.skip("the bench extra (locust) is not installed")
+    from benchmarks.engines import main as engine_benchmark
+
+    [row] = engine_benchmark(
+        ["--engines", engine, "--duration", "3", "--users", "2", "--write", str(tmp_path / "R.md")]
+    )
+    assert row["engine"] == engine
+    assert row["requests"] > 0
+    assert row["errors"] == 0
+    assert row["cpu_ms_per_request"] > 0
+    assert "Choosing an engine" in (tmp_path / "R.md").read_text()

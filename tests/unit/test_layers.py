@@ -6,7 +6,8 @@ From the bottom; a package may import the packages named on its line, and itself
 - ``export`` (export, verification, archiving): ``handlers``.
 - ``engines`` (the KServe and Ray engines and their shared HTTP contract): ``handlers``.
 - ``serving`` (TorchServe processes): nothing.
-- ``evaluation`` and ``demo``: the layers below (``handlers``, ``scenes``, ``export``, ``engines``, ``serving``); not each other.
+- ``evaluation`` and ``demo``: the layers below (``handlers``, ``scenes``, ``export``, ``engines``, ``serving``);
+  not each other.
 - ``cli`` (the ``lafam-serve`` command): all of the above.
 - ``benchmarks``: all of the above and ``cli``.
 - ``tests``: anything; nothing imports ``tests``.
