@@ -3,8 +3,9 @@
 Each engine is started as a user starts it (``lafam-serve serve ARCHIVE... --engine E``) and gets:
 
 - the whole bad-input corpus of ``tests/unit/test_bad_inputs.py`` (raw bodies, JSON bodies, multipart forms,
-  option headers), each case turned into the HTTP request a client sends; every engine must answer each
-  with the corpus's status, error code and message keyword, and keep serving;
+  option headers on ``/predictions``; class, K, temperature and base options on ``/explanations``), each
+  case turned into the HTTP request a client sends; every engine must answer each with the corpus's status,
+  error code and message keyword, and keep serving;
 - the end-to-end checks of a served model: a prediction with its LaFAM map, the backward-pass methods on
   ``/explanations``, a mixed concurrent load each answered alone, the token, an over-size body, and the
   ``lafam_*`` metrics on the exporter.
@@ -38,7 +39,7 @@ from scenes.synthetic import generate_scene
 from serving.engines import ENGINES, TOKEN, EngineServer
 from serving.ray_cluster import MARK_ENV, Cluster, local_cluster
 from tests.unit.conftest import write_export
-from tests.unit.test_bad_inputs import CASES, PNG, Case, assert_answer
+from tests.unit.test_bad_inputs import CASES, EXPLAIN_CASES, PNG, Case, assert_answer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -149,6 +150,14 @@ def test_bad_input_corpus(server: EngineServer, case: Case) -> None:
     if server.engine == "torchserve" and sum(len(k) + len(v) for k, v in headers.items()) > NETTY_MAX_HEADER:
         assert (status, answer.get("type")) == (400, "BadRequestException"), answer
         return
+    assert_answer(case, status, answer)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in EXPLAIN_CASES if not case.bug])
+def test_bad_explanation_corpus(server: EngineServer, case: Case) -> None:
+    """The corpus's /explanations cases (classes, K, T, tau, bases, blank images) on the demo CNN's eager model."""
+    body, headers = as_http(case)
+    status, answer = server.call("POST", "/explanations/shapes", body, headers)
     assert_answer(case, status, answer)
 
 

@@ -124,7 +124,8 @@ def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         while True:
             assert process.poll() is None, f"the Ray engine exited with {process.returncode}:\n{instance.log_tail()}"
             assert time.monotonic() < deadline, f"the Ray engine did not become ready:\n{instance.log_tail()}"
-            if get(instance, "/v2/health/ready")[0] == 200 and predict(instance, samples[0]["path"])[0] == 200:
+            ready = get(instance, "/v2/health/ready")[0] == 200 and predict(instance, samples[0]["path"])[0] == 200
+            if ready and "with Ray Serve on http://" in log.read_text(errors="replace"):  # serve.run returned
                 break
             time.sleep(1)
         yield instance
@@ -408,6 +409,45 @@ def test_sigterm_deletes_the_application_and_leaves_the_cluster(server: Server) 
             titles.append(" ".join(process.cmdline()))
     assert any("gcs_server" in title for title in titles), titles  # the cluster keeps running
     assert any(server.metrics_dir.glob("counter_*.db"))  # a folder it was given is left in place
+
+
+def test_autoscaling_adds_a_replica_under_load(server: Server, tmp_path: Path) -> None:
+    """``--replicas 1 --max-replicas 2``: sustained load (4 clients, target 2 ongoing requests per replica) makes
+    Serve start a second replica; every request is answered meanwhile. Runs after the SIGTERM test freed the
+    application name, on the same cluster."""
+    port = free_port()
+    archive = server.metrics_dir.parent / "model_store" / "shapes.mar"
+    env = {**server.cluster.env, "LAFAM_TOKEN": TOKEN, "LAFAM_METRICS_ADDRESS": "off"}
+    command = [
+        sys.executable, "-m", "engines.ray_engine", str(archive), "--replicas", "1", "--max-replicas", "2",
+        "--host", "127.0.0.1", "--port", str(port), "--ray-address", server.cluster.address,
+    ]  # fmt: skip
+    log = tmp_path / "autoscale.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    scaled = Server(f"http://127.0.0.1:{port}", 0, tmp_path, process, log, server.cluster, server.samples)
+    try:
+        deadline = time.monotonic() + 240
+        while predict(scaled, scaled.samples[0]["path"])[0] != 200:
+            assert process.poll() is None, scaled.log_tail()
+            assert time.monotonic() < deadline, scaled.log_tail()
+            time.sleep(1)
+        marker = server.cluster.marker  # replica processes, counted by pid: Serve restarted its controller
+        assert len(replica_pids(marker)) == 1
+        with Load(scaled) as load:
+            deadline = time.monotonic() + 180  # Serve's upscale delay is 30 s, then a replica starts
+            while len(replica_pids(marker)) < 2:
+                assert time.monotonic() < deadline, f"no second replica; {len(load.records)} requests sent"
+                time.sleep(1)
+        statuses = [record.status for record in load.records]
+        assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+        assert "(1 to 2 replicas, autoscaling)" in log.read_text(errors="replace")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 # The application builder of a Serve config file / KubeRay RayService (no cluster needed)
