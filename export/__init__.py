@@ -8,6 +8,7 @@ from export.exporter import IMAGENET_MEAN, IMAGENET_STD, ExportError, export_mod
 from export.models import ActivationModel, ModelSpecError, find_default_layer, resolve_model
 from export.onnx import OnnxExportError, export_onnx
 from export.pipeline import export_and_archive
+from export.quantize import QuantizationError
 from export.torchscript import TorchScriptExportError, export_torchscript
 from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify_report
 
@@ -19,6 +20,7 @@ __all__ = [
     "ExportError",
     "ModelSpecError",
     "OnnxExportError",
+    "QuantizationError",
     "TorchScriptExportError",
     "VerificationError",
     "VerificationReport",

@@ -24,6 +24,14 @@ from torch import nn
 
 from export.models import ActivationModel, check_input_size, find_default_layer, resolve_model
 from export.onnx import export_onnx
+from export.quantize import (
+    INT8_GRAPH_FILE,
+    QUANTIZE_CHOICES,
+    CalibrationSet,
+    Thresholds,
+    load_calibration,
+    quantize_and_check,
+)
 from export.torchscript import export_torchscript
 from export.verify import DEFAULT_TOLERANCE, VerificationError, VerificationReport, verify_report
 from handlers.eager import build_architecture, head_path, load_eager
@@ -72,6 +80,11 @@ def export_model(
     opset: int | None = None,
     eager: bool = False,
     dynamic_size: bool = False,
+    quantize: str = "none",
+    calibration: str | Path | Sequence[bytes] | None = None,
+    calibration_source: str | None = None,
+    int8_min_agreement: float | None = None,
+    int8_min_spearman: float | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> dict[str, Path]:
     """Export a model to verified graphs, one folder per backend.
@@ -110,6 +123,20 @@ def export_model(
             eager at both sizes. The manifest records ``dynamic_size`` and ``min_side``: the model's total
             stride (input side / the explained layer's side), raised to the smallest side the eager model runs
             at. Without it (the default) the graph is served at ``input_size`` only.
+        quantize: ``none`` (the default) or ``int8``: the ONNX graph is statically quantised by ONNX Runtime
+            (QDQ, per-channel QInt8 weights, QUInt8 activations; :mod:`export.quantize`) after the float graph
+            passed verification; the folder then serves ``model.int8.onnx`` (the float ``model.onnx`` stays
+            beside it, unarchived) and the manifest records ``quantization``. ONNX only: with ``torchscript``
+            alone it is an error; with both backends the TorchScript graph stays float32.
+        calibration: with ``quantize="int8"`` (required then): a folder of ``.jpg``/``.png`` images or encoded
+            images, decoded and resized as the server does; every fourth is held out for the agreement check
+            (``lafam-serve export`` passes generated demo scenes when no ``--calibration`` folder is given).
+        calibration_source: what the ``calibration`` images are, for the manifest (default: the folder, or
+            their count).
+        int8_min_agreement: least top-1 agreement with the float graph on the held-out images (median cosine
+            similarity for an embedding); ``None``: 0.99.
+        int8_min_spearman: least median Spearman correlation of the INT8 and float LaFAM maps, per layer;
+            ``None``: 0.95.
         log: receives progress lines (``print`` works).
 
     Returns:
@@ -121,8 +148,11 @@ def export_model(
             that fails, or the output whose shape changes).
         ModelSpecError: when the model, its weights or a layer cannot be resolved.
         VerificationError: when an exported graph does not match the eager model.
+        QuantizationError: (a ``VerificationError``) the INT8 graph misses a threshold or does not run; the
+            message names the figure. No manifest is written for it.
     """
     chosen = _check_backends(backends)
+    thresholds = _check_quantize(quantize, chosen, calibration, int8_min_agreement, int8_min_spearman)
     size = check_input_size(input_size, allow_int=True, error=ExportError)
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if not tolerance > 0:
@@ -202,10 +232,26 @@ def export_model(
                 code=EAGER_CODE_DIR if ":" in spec else None,
             ),
         )
+    int8 = None
+    if thresholds is not None and calibration is not None:  # _check_quantize: both or neither
+        try:
+            int8 = (load_calibration(calibration, draft, calibration_source), thresholds)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+        if "torchscript" in chosen:
+            log("int8: quantising the ONNX graph; the TorchScript graph stays float32")
     out = Path(out_dir)
     return {
         backend: _export_backend(
-            reference, draft, backend, out / backend, tolerance=tolerance, opset=opset, sizes=sizes, log=log
+            reference,
+            draft,
+            backend,
+            out / backend,
+            tolerance=tolerance,
+            opset=opset,
+            sizes=sizes,
+            int8=int8 if backend == "onnx" else None,
+            log=log,
         )
         for backend in chosen
     }
@@ -386,9 +432,14 @@ def _export_backend(
     tolerance: float,
     opset: int | None,
     sizes: tuple[tuple[int, int], ...],
+    int8: tuple[CalibrationSet, Thresholds] | None = None,
     log: Callable[[str], None],
 ) -> Path:
-    """Write, verify (at every size in ``sizes``) and describe one backend's graph in ``folder``."""
+    """Write, verify (at every size in ``sizes``) and describe one backend's graph in ``folder``.
+
+    With ``int8``, the verified float graph is then quantised and checked (:func:`export.quantize.quantize_and_check`)
+    and the manifest describes the INT8 graph.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.exists():
@@ -401,6 +452,10 @@ def _export_backend(
         log(f"{backend}: removing {labels_path} of an earlier export (this model has no labels)")
         labels_path.unlink()
     graph_path = folder / GRAPH_FILES[backend]
+    stale_int8 = folder / INT8_GRAPH_FILE
+    if int8 is None and stale_int8.exists():
+        log(f"{backend}: removing {stale_int8} of an earlier INT8 export (this export is float32)")
+        stale_int8.unlink()
     eager_checksums = _write_eager(reference, draft, folder)
     names = [draft.main_output, *(spec.output for spec in draft.layers)]
     input_size = draft.input_size
@@ -451,10 +506,61 @@ def _export_backend(
             f"size cannot be served at others; export without --dynamic-size"
         ) from exc
     manifest = dataclasses.replace(manifest, verification=report.to_dict())
+    if int8 is not None:
+        calibration, thresholds = int8
+        manifest = quantize_and_check(
+            folder, manifest, calibration, thresholds, batch_sizes=VERIFY_BATCH_SIZES, sizes=sizes, log=log
+        )
     manifest.dump(manifest_path)
     worst = ", ".join(f"{name} {diff:.2g}" for name, diff in report.max_abs_diff.items())
-    log(f"{backend}: wrote {folder} ({manifest.source['exporter']} exporter; max |eager - exported|: {worst})")
+    served = f"; serves the INT8 graph {manifest.model_file}" if manifest.quantization else ""
+    log(f"{backend}: wrote {folder} ({manifest.source['exporter']} exporter; max |eager - exported|: {worst}{served})")
     return folder
+
+
+def _check_quantize(
+    quantize: str,
+    backends: Sequence[str],
+    calibration: object,
+    min_agreement: float | None,
+    min_spearman: float | None,
+) -> Thresholds | None:
+    """Check the INT8 arguments; the thresholds with ``quantize="int8"``, else ``None``."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"quantize={quantize!r} is not supported; choose from: {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "none":
+        given = [
+            name
+            for name, value in (
+                ("calibration", calibration),
+                ("int8_min_agreement", min_agreement),
+                ("int8_min_spearman", min_spearman),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ExportError(f"{', '.join(given)} given without quantize='int8' (--quantize int8)")
+        return None
+    if "onnx" not in backends:
+        raise ExportError(
+            "quantize='int8' needs the onnx backend (ONNX Runtime static quantisation); a TorchScript graph is "
+            "exported in float32 only: use --backend onnx (or both: the ONNX graph is quantised, the TorchScript "
+            "one stays float32)"
+        )
+    if calibration is None:
+        raise ExportError(
+            "quantize='int8' needs calibration images: a folder of .jpg/.png images like the served ones "
+            "(--calibration DIR), or encoded images"
+        )
+    defaults = Thresholds()
+    try:
+        return Thresholds(
+            top1_agreement=defaults.top1_agreement if min_agreement is None else min_agreement,
+            cosine=defaults.cosine if min_agreement is None else min_agreement,
+            map_spearman=defaults.map_spearman if min_spearman is None else min_spearman,
+        )
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def _check_backends(backends: Sequence[str]) -> list[str]:

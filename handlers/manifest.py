@@ -27,6 +27,11 @@ TASKS: tuple[str, ...] = ("classification", "embedding")
 BACKENDS: tuple[str, ...] = ("onnx", "torchscript")
 LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens")
 """How an exported layer's eager output became its graph output; see :attr:`LayerSpec.layout`."""
+QUANTIZED_DTYPES: tuple[str, ...] = ("int8",)
+"""What :attr:`Manifest.quantization` may record (``export --quantize``)."""
+QUANTIZED_FORMATS: tuple[str, ...] = ("QDQ",)
+AGREEMENT_METRICS: tuple[str, ...] = ("top1_agreement", "cosine_similarity")
+"""How a quantised graph's main output was compared with the float graph's: classification, embedding."""
 
 
 class ManifestError(ValueError):
@@ -103,6 +108,79 @@ class EagerSpec:
 
 
 @dataclass(frozen=True)
+class QuantizationSpec:
+    """How a quantised graph was made and how closely it follows the float graph it came from.
+
+    Written by ``lafam-serve export --quantize int8`` (:mod:`export.quantize`); the served graph is
+    :attr:`Manifest.model_file`, whose outputs are float32 like any other graph's, so serving reads nothing
+    here: it is provenance and the figures the export was held to.
+
+    Attributes:
+        dtype: ``int8``.
+        format: ``QDQ`` (QuantizeLinear / DequantizeLinear pairs around float operators, which ONNX Runtime
+            fuses into integer kernels).
+        method: the tool that quantised the graph (``onnxruntime.quantization.quantize_static``).
+        onnxruntime_version: its version.
+        weight_type: ``QInt8``; ``per_channel`` and ``reduce_range`` (7-bit weights) as used.
+        activation_type: ``QUInt8`` or ``QInt8``.
+        per_channel: weights quantised per output channel.
+        reduce_range: weights quantised to 7 bits (no saturation on CPUs without VNNI).
+        calibrate_method: ONNX Runtime's calibration method (``MinMax``).
+        calibration: ``source`` (what the images were), ``images`` (how many calibrated the ranges),
+            ``preprocessing`` (as served).
+        agreement: the main output against the float graph's on held-out images: ``metric``
+            (``top1_agreement`` or, for an embedding, ``cosine_similarity``), ``value`` (the fraction of equal
+            top-1 classes; the median cosine), ``min`` (cosine only), ``threshold``, ``images``.
+        maps: per activation output (``act_<layer>``): ``layer``, the Spearman rank correlation of the INT8 and
+            float LaFAM maps per held-out image at native resolution, ``median`` and ``min``, ``threshold``
+            (on the median) and ``images``.
+        float_model: the float graph the quantised one was made from: ``file``, ``sha256`` (not archived).
+    """
+
+    dtype: str
+    format: str
+    method: str
+    onnxruntime_version: str
+    weight_type: str
+    activation_type: str
+    per_channel: bool
+    reduce_range: bool
+    calibrate_method: str
+    calibration: dict[str, Any]
+    agreement: dict[str, Any]
+    maps: dict[str, dict[str, Any]]
+    float_model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in QUANTIZED_DTYPES:
+            problems.append(f"dtype {self.dtype!r} (valid: {', '.join(QUANTIZED_DTYPES)})")
+        if self.format not in QUANTIZED_FORMATS:
+            problems.append(f"format {self.format!r} (valid: {', '.join(QUANTIZED_FORMATS)})")
+        for name in ("per_channel", "reduce_range"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} {getattr(self, name)!r} (need true or false)")
+        for name in ("calibration", "agreement", "maps", "float_model"):
+            if not isinstance(getattr(self, name), dict):
+                problems.append(f"{name} (need an object)")
+        if isinstance(self.agreement, dict):
+            if self.agreement.get("metric") not in AGREEMENT_METRICS:
+                problems.append(
+                    f"agreement.metric {self.agreement.get('metric')!r} (valid: {', '.join(AGREEMENT_METRICS)})"
+                )
+            if not all(_is_number(self.agreement.get(key)) for key in ("value", "threshold")):
+                problems.append("agreement (need numbers 'value' and 'threshold')")
+        if isinstance(self.maps, dict):
+            for output, figures in self.maps.items():
+                if not isinstance(figures, dict) or not all(
+                    _is_number(figures.get(key)) for key in ("median", "min", "threshold")
+                ):
+                    problems.append(f"maps.{output} (need numbers 'median', 'min' and 'threshold')")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the handler needs to serve an exported graph.
 
@@ -129,6 +207,9 @@ class Manifest:
             ``input_size``, every image is resized to it.
         min_side: the smallest input side a dynamic graph is served at (its total stride, or larger where the
             model needs it); ``None`` where not recorded.
+        quantization: how the graph was quantised (``export --quantize int8``, ONNX only) and the agreement
+            figures it passed, or ``None`` (older manifests too): a float graph. ``verification`` then describes
+            the float graph it was quantised from (``quantization.float_model``).
         schema_version: manifest format version.
     """
 
@@ -151,6 +232,7 @@ class Manifest:
     eager: EagerSpec | None = None
     dynamic_size: bool = False
     min_side: int | None = None
+    quantization: QuantizationSpec | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -181,6 +263,14 @@ class Manifest:
             problems.append(f"min_side {self.min_side!r} (need a positive integer or null)")
         if not isinstance(self.checksums, dict):
             problems.append(f"checksums {self.checksums!r} (need an object {{file name: sha256}})")
+        if self.quantization is not None:
+            if self.backend != "onnx":
+                problems.append(f"quantization (an ONNX graph only, not backend {self.backend!r})")
+            outputs = {spec.output for spec in self.layers}
+            if isinstance(self.quantization.maps, dict) and set(self.quantization.maps) != outputs:
+                problems.append(
+                    f"quantization.maps (figures for {sorted(self.quantization.maps)}, layers {sorted(outputs)})"
+                )
         if problems:
             raise ManifestError("invalid manifest: " + "; ".join(problems))
 
@@ -205,6 +295,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (a layer's default ``nchw`` layout is left out)."""
         data = asdict(self)
+        if data["quantization"] is None:  # a float graph's manifest reads as before the field existed
+            del data["quantization"]
         for layer in data["layers"]:
             if layer["layout"] == "nchw":
                 del layer["layout"]
@@ -266,6 +358,8 @@ class Manifest:
         manifest = cls.from_dict(data)
         if manifest.eager is not None and manifest.eager.state_dict not in manifest.checksums:
             raise ManifestError(f"invalid manifest: eager.state_dict {manifest.eager.state_dict!r} is not in checksums")
+        if manifest.quantization is not None and manifest.model_file not in manifest.checksums:
+            raise ManifestError(f"invalid manifest: the quantised graph {manifest.model_file!r} is not in checksums")
         if verify_checksums:
             for file_name, expected in manifest.checksums.items():
                 target = path.parent / file_name
@@ -278,6 +372,10 @@ class Manifest:
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _layers(value: Any) -> tuple[LayerSpec, ...]:
@@ -301,4 +399,5 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "layers": _layers,
     "defaults": lambda value: Defaults(**value),
     "eager": lambda value: None if value is None else EagerSpec(**value),
+    "quantization": lambda value: None if value is None else QuantizationSpec(**value),
 }

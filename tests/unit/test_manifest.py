@@ -15,6 +15,7 @@ from handlers.manifest import (
     LayerSpec,
     Manifest,
     ManifestError,
+    QuantizationSpec,
     output_name_for,
     sha256_file,
 )
@@ -236,3 +237,73 @@ def test_missing_listed_file(tmp_path: Path) -> None:
 
 def test_manifest_error_is_a_value_error() -> None:
     assert issubclass(ManifestError, ValueError)
+
+
+# quantization (export --quantize int8)
+
+
+def make_quantization(**changes: Any) -> QuantizationSpec:
+    fields: dict[str, Any] = {
+        "dtype": "int8",
+        "format": "QDQ",
+        "method": "onnxruntime.quantization.quantize_static",
+        "onnxruntime_version": "1.31.1",
+        "weight_type": "QInt8",
+        "activation_type": "QUInt8",
+        "per_channel": True,
+        "reduce_range": True,
+        "calibrate_method": "MinMax",
+        "calibration": {"source": "folder x", "images": 24, "held_out": 8},
+        "agreement": {"metric": "top1_agreement", "value": 1.0, "threshold": 0.99, "images": 8},
+        "maps": {
+            "act_layer4": {"layer": "layer4", "median": 0.99, "min": 0.9, "threshold": 0.95, "images": 8},
+            "act_layer3": {"layer": "layer3", "median": 0.98, "min": 0.8, "threshold": 0.95, "images": 8},
+        },
+        "float_model": {"file": "model.onnx", "sha256": "0" * 64},
+    }
+    fields.update(changes)
+    return QuantizationSpec(**fields)
+
+
+def test_a_quantised_manifest_round_trips(tmp_path: Path) -> None:
+    manifest = write_folder(tmp_path, quantization=make_quantization())
+    assert Manifest.load(tmp_path) == manifest
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text())["quantization"]["maps"]["act_layer4"]["median"] == 0.99
+
+
+def test_a_float_manifest_has_no_quantization_entry_and_an_older_one_loads() -> None:
+    data = make_manifest().to_dict()
+    assert "quantization" not in data
+    assert Manifest.from_dict(data).quantization is None
+    assert Manifest.from_dict({**data, "quantization": None}).quantization is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"dtype": "int4"}, r"field 'quantization': dtype 'int4' \(valid: int8\)"),
+        ({"format": "QOperator"}, r"format 'QOperator' \(valid: QDQ\)"),
+        ({"per_channel": "yes"}, r"per_channel 'yes' \(need true or false\)"),
+        ({"agreement": {"metric": "mse", "value": 1.0, "threshold": 0.5}}, r"agreement.metric 'mse'"),
+        ({"agreement": {"metric": "top1_agreement", "value": "high", "threshold": 0.5}}, r"need numbers 'value'"),
+        ({"maps": {"act_layer4": {"median": 0.9}, "act_layer3": {}}}, r"maps.act_layer4 \(need numbers"),
+        ({"colour": "red"}, r"field 'quantization'.*colour"),
+    ],
+)
+def test_invalid_quantization_names_the_field(changes: dict[str, Any], match: str) -> None:
+    data = as_json(quantization=json.loads(json.dumps(make_quantization().__dict__)) | changes)
+    with pytest.raises(ManifestError, match=match):
+        Manifest.from_dict(data)
+
+
+def test_quantization_must_describe_the_onnx_graph_and_its_layers() -> None:
+    with pytest.raises(ManifestError, match=r"quantization \(an ONNX graph only, not backend 'torchscript'\)"):
+        make_manifest(backend="torchscript", model_file="model.pt", quantization=make_quantization())
+    with pytest.raises(ManifestError, match=r"quantization.maps \(figures for \['act_layer4'\]"):
+        make_manifest(quantization=make_quantization(maps={"act_layer4": make_quantization().maps["act_layer4"]}))
+
+
+def test_the_quantised_graph_must_be_checksummed(tmp_path: Path) -> None:
+    write_folder(tmp_path, quantization=make_quantization(), model_file="model.int8.onnx")
+    with pytest.raises(ManifestError, match=r"the quantised graph 'model.int8.onnx' is not in checksums"):
+        Manifest.load(tmp_path)
