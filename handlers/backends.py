@@ -96,13 +96,17 @@ def output_names(manifest: Manifest) -> list[str]:
     return [manifest.main_output, *(spec.output for spec in manifest.layers)]
 
 
-def load_backend(manifest: Manifest, folder: str | Path, device: torch.device | str = "cpu") -> Backend:
+def load_backend(
+    manifest: Manifest, folder: str | Path, device: torch.device | str = "cpu", threads: int = 0
+) -> Backend:
     """Load the graph a manifest describes.
 
     Args:
         manifest: the validated manifest.
         folder: the folder holding the manifest and the graph file.
         device: ``cpu`` or ``cuda:<id>`` (the GPU TorchServe assigned to this worker).
+        threads: ONNX Runtime's intra-op threads (0: its default, one per physical core); TorchScript runs
+            on torch's threads, set process-wide by the caller.
 
     Returns:
         A backend whose ``run`` returns every output named in :func:`output_names`.
@@ -111,5 +115,5 @@ def load_backend(manifest: Manifest, folder: str | Path, device: torch.device | 
     path = Path(folder) / manifest.model_file
     names = output_names(manifest)
     if manifest.backend == "onnx":
-        return OnnxBackend(path, names, device)
+        return OnnxBackend(path, names, device, threads)
     return TorchScriptBackend(path, names, device)

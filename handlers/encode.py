@@ -3,28 +3,110 @@
 from __future__ import annotations
 
 import base64
-import io
+import functools
+import struct
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .explain.lafam import resize_maps
 from .methods.contract import Explanation
 
 ARRAY_DECIMALS = 5
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_ZLIB_LEVEL = 1
+"""zlib level of the map PNGs: the 'Up' filter turns a nearest-upsampled map's repeated rows into zeros, which
+level 1 already packs as tightly as Pillow's default encoder does."""
+
+
+def to_pixels(map_2d: torch.Tensor) -> np.ndarray:
+    """An ``(H, W)`` map in [0, 1] as 8-bit grey levels (0 → 0, 1 → 255, rounded; outside values clamped)."""
+    values = map_2d.detach().float().cpu().numpy()
+    return (np.clip(values, 0.0, 1.0) * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(rows: np.ndarray) -> bytes:
+    """A greyscale PNG of already filtered ``rows`` (``(H, 1 + W)``: each row's filter byte, then its bytes)."""
+    height, width = rows.shape[0], rows.shape[1] - 1
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+    idat = zlib.compress(rows.tobytes(), PNG_ZLIB_LEVEL)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Encode ``(H, W)`` uint8 grey levels as an 8-bit greyscale PNG.
+
+    Every row but the first uses PNG's 'Up' filter (the difference to the row above, modulo 256), so the
+    repeated rows of a nearest-upsampled map compress to almost nothing at zlib level 1; about 5x faster
+    than Pillow's encoder on a 224x224 map, byte-for-byte the same image.
+    """
+    height, width = pixels.shape
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up
+    rows[0, 0] = 0  # the first row has no row above: filter None
+    rows[0, 1:] = pixels[0]
+    np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps: the filter's modulo 256
+    return _png(rows)
+
+
+def png_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
+    """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size``, without building the upsampled image.
+
+    The same bytes as ``png_bytes(upsample_pixels(pixels, size))``: an output row that repeats the one above
+    is all zeros under the 'Up' filter, so only the first row of each source row is filled in.
+    """
+    sources = _nearest_indices(pixels.shape[0], size[0])
+    columns = _nearest_indices(pixels.shape[1], size[1])
+    rows = np.zeros((size[0], size[1] + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up
+    rows[0, 0] = 0  # the first row has no row above: filter None
+    upsampled = pixels[:, columns]  # each source row at the output width
+    starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]])  # first output row of each run
+    rows[0, 1:] = upsampled[sources[0]]
+    later = starts[starts > 0]
+    rows[later, 1:] = upsampled[sources[later]] - upsampled[sources[later - 1]]  # uint8: modulo 256
+    return _png(rows)
 
 
 def png_base64(map_2d: torch.Tensor) -> str:
     """Encode an ``(H, W)`` map in [0, 1] as a base64 8-bit grayscale PNG (0 → 0, 1 → 255)."""
-    pixels = (map_2d.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(to_pixels(map_2d))).decode("ascii")
 
 
-def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, signed: bool) -> dict[str, Any]:
+@functools.lru_cache(maxsize=256)
+def _nearest_indices(native: int, target: int) -> np.ndarray:
+    """Source index of each of ``target`` pixels under :func:`resize_maps`' nearest mode (derived from it)."""
+    source = torch.arange(native, dtype=torch.float32).view(1, 1, native)  # one map, one row: the indices
+    picked = resize_maps(source, (1, target), "nearest")
+    return picked.view(target).round().to(torch.int64).numpy()
+
+
+def upsample_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-upsample ``(h, w)`` grey levels to ``size = (H, W)``, on uint8.
+
+    Exactly ``resize_maps(..., "nearest")`` followed by :func:`to_pixels`: nearest copies values, so
+    quantising first changes nothing.
+    """
+    rows = _nearest_indices(pixels.shape[0], size[0])
+    columns = _nearest_indices(pixels.shape[1], size[1])
+    return pixels[rows[:, None], columns[None, :]]
+
+
+def map_data(
+    fmt: str,
+    native: torch.Tensor,
+    resized: torch.Tensor | None,
+    *,
+    signed: bool,
+    size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Encode one map: ``{"empty": ..., "data": ...}`` (plus ``max_abs`` for a signed map).
 
     ``empty`` is true when every value of the map is zero: nothing was attributed, e.g. a distribution's map
@@ -38,8 +120,13 @@ def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, si
     Args:
         fmt: ``png`` or ``array``.
         native: ``(h, w)`` map at the method's native resolution (used for ``array``).
-        resized: ``(H, W)`` map at the requested size, required for ``png``.
+        resized: ``(H, W)`` map at the requested size (any interpolation), for ``png``.
         signed: whether the map is signed (not min-max scaled).
+        size: for ``png`` without ``resized``: the ``(H, W)`` to nearest-upsample the native map to, done on the
+            8-bit grey levels (the same pixels as resizing first, a fraction of the work).
+
+    Raises:
+        ValueError: ``png`` with neither ``resized`` nor ``size``.
     """
     peak = float(native.detach().abs().max()) if native.numel() else 0.0
     scale = peak if signed else 1.0
@@ -48,9 +135,13 @@ def map_data(fmt: str, native: torch.Tensor, resized: torch.Tensor | None, *, si
         entry["max_abs"] = round(scale, 8)
     divisor = scale if scale > 0 else 1.0
     if fmt == "png":
-        if resized is None:
-            raise ValueError("a png explanation needs the resized map")
-        entry["data"] = png_base64(0.5 + resized / (2 * divisor) if signed else resized)
+        if resized is None and size is None:
+            raise ValueError("a png explanation needs the resized map or the size to upsample to")
+        if resized is not None:
+            entry["data"] = png_base64(0.5 + resized / (2 * divisor) if signed else resized)
+        else:
+            pixels = to_pixels(0.5 + native / (2 * divisor) if signed else native)
+            entry["data"] = base64.b64encode(png_nearest(pixels, size)).decode("ascii")
     else:
         # round in float64: rounded float32 values would reach the JSON as e.g. 0.12346000224351883
         values = native.detach().cpu().double() / divisor
@@ -108,7 +199,7 @@ def encode_explanation(
         fmt: ``png`` or ``array``.
         size: ``(H, W)`` the maps are (png) or would be (array) upsampled to.
         upsample: interpolation used or to use.
-        resized: ``(K, H, W)`` maps at ``size``, required for ``png``.
+        resized: ``(K, H, W)`` maps at ``size`` for ``png``; ``None``: nearest-upsampled to ``size`` when encoded.
         label: class index → label.
         probabilities: ``(C,)`` class probabilities, or ``None``.
     """
@@ -117,14 +208,14 @@ def encode_explanation(
         body["scale"] = "signed"
     images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
     if result.classes is None:
-        body.update(map_data(fmt, maps[0], images[0], signed=result.signed))
+        body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
     else:
         body["classes"] = [
             {
                 "index": index,
                 "label": label(index),
                 "probability": round(float(probabilities[index]), 6) if probabilities is not None else None,
-                **map_data(fmt, native, image, signed=result.signed),
+                **map_data(fmt, native, image, signed=result.signed, size=size),
             }
             for index, native, image in zip(result.classes, maps, images, strict=True)
         ]

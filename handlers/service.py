@@ -53,7 +53,7 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 PREDICT_HINT = (
     " (backward-pass methods are served on POST /explanations/{model}, or over gRPC with the input explain=true)"
 )
-SERVICE_KEYS = ("max_pixels", "max_input_pixels", "max_classes", "eager", "drift")
+SERVICE_KEYS = ("max_pixels", "max_input_pixels", "max_classes", "eager", "drift", "threads")
 """Keys of the model config's ``lafam`` section besides the option defaults."""
 
 
@@ -209,8 +209,9 @@ class LafamService:
             folder: folder holding ``lafam.json`` and the graph (TorchServe's ``model_dir``).
             device: ``cpu`` or the ``cuda:<gpu_id>`` TorchServe assigned.
             config: the ``lafam`` section of the archive's model-config YAML: ``max_pixels``,
-                ``max_input_pixels``, ``max_classes``, ``eager``, ``drift`` and any option default (``top_k``,
-                ``format``, ``upsample``, ``size``, ``resize``).
+                ``max_input_pixels``, ``max_classes``, ``eager``, ``drift``, ``threads`` (the worker's torch
+                and ONNX Runtime intra-op threads; absent: the runtimes' defaults) and any option default
+                (``top_k``, ``format``, ``upsample``, ``size``, ``resize``).
         """
         manifest = Manifest.load(folder)
         config = dict(config or {})
@@ -222,9 +223,17 @@ class LafamService:
             )
         max_classes = config.pop("max_classes", 10)
         max_input_pixels = config.pop("max_input_pixels", MAX_INPUT_PIXELS)
-        for key, value in (("max_classes", max_classes), ("max_input_pixels", max_input_pixels)):
+        threads = config.pop("threads", None)
+        checked = (
+            ("max_classes", max_classes),
+            ("max_input_pixels", max_input_pixels),
+            ("threads", 1 if threads is None else threads),
+        )
+        for key, value in checked:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} in the model config's 'lafam' section must be a positive int: {value!r}")
+        if threads is not None:  # the worker's compute threads: torch (TorchScript, eager methods) and ORT
+            torch.set_num_threads(threads)
         engines = None
         if manifest.eager is not None and config.pop("eager", True) is not False:
             engines = Engines(load_eager(manifest.eager, folder, device), manifest)
@@ -241,7 +250,7 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        backend = load_backend(manifest, folder, device)
+        backend = load_backend(manifest, folder, device, threads or 0)
         service = cls(manifest, backend, engines, max_classes, drift=drift, max_input_pixels=max_input_pixels)
         service.warm_up()
         return service
@@ -404,7 +413,9 @@ class LafamService:
         maps = result.maps.detach().float().cpu()
         self._record_drift(maps[0], options.method)
         size = self._size(options, original_size, seen)
-        resized = resize_maps(maps, size, options.upsample) if options.format == "png" else None
+        # nearest (the default) is upsampled on the 8-bit pixels while encoding; bilinear needs the float maps
+        bilinear = options.format == "png" and options.upsample != "nearest"
+        resized = resize_maps(maps, size, options.upsample) if bilinear else None
         return encode_explanation(
             result,
             maps=maps,

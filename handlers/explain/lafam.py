@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +44,23 @@ def lafam(activations: torch.Tensor) -> torch.Tensor:
             f"activations must be (N, C, h, w), got shape {tuple(activations.shape)}; turn tokens (N, T, C) or a "
             "channel-last map (N, h, w, C) into one with handlers.explain.tokens.grid_layout and to_grid"
         )
-    return minmax_scale(activations.float().mean(dim=1))
+    channel_mean = activations.float().mean(dim=1)
+    if channel_mean.device.type == "cpu" and not channel_mean.requires_grad:
+        # the served path: on these few values numpy's operations cost a fraction of torch's dispatch
+        return torch.from_numpy(_minmax_numpy(channel_mean.numpy()))
+    return minmax_scale(channel_mean)
+
+
+def _minmax_numpy(maps: np.ndarray) -> np.ndarray:
+    """:func:`minmax_scale` on a float32 numpy array ``(N, h, w)``: the same float64 arithmetic."""
+    limit = float(np.finfo(np.float32).max)
+    values = np.nan_to_num(maps.astype(np.float64), nan=0.0, posinf=limit, neginf=-limit)
+    flat = values.reshape(len(values), -1)
+    low = flat.min(axis=1).reshape(-1, 1, 1)
+    span = flat.max(axis=1).reshape(-1, 1, 1) - low
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.where(span > 0, (values - low) / np.maximum(span, np.finfo(np.float64).tiny), 0.0)
+    return scaled.astype(np.float32)
 
 
 def minmax_scale(maps: torch.Tensor) -> torch.Tensor:

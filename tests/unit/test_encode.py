@@ -11,7 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.encode import ARRAY_DECIMALS, explanation_json, map_data, png_base64, predictions_json
+from handlers.encode import (
+    ARRAY_DECIMALS,
+    explanation_json,
+    map_data,
+    png_base64,
+    png_bytes,
+    png_nearest,
+    predictions_json,
+    to_pixels,
+    upsample_pixels,
+)
+from handlers.explain.lafam import resize_maps
 
 
 def decode_png(data: str) -> Image.Image:
@@ -186,3 +197,38 @@ def test_unsigned_maps_are_unchanged() -> None:
 def test_png_needs_the_resized_map() -> None:
     with pytest.raises(ValueError, match="png explanation needs the resized map"):
         map_data("png", torch.zeros(2, 2), None, signed=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (3, 5), (224, 224), (17, 300)])
+def test_png_bytes_decode_to_the_same_pixels(shape: tuple[int, int]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    image = decode_png(base64.b64encode(png_bytes(pixels)).decode())
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize(
+    ("native", "size"), [((7, 7), (224, 224)), ((8, 8), (128, 128)), ((7, 9), (200, 301)), ((14, 14), (5, 3)),
+                         ((1, 1), (4, 6)), ((3, 3), (3, 3)), ((13, 11), (97, 1))]
+)  # fmt: skip
+def test_nearest_upsampling_of_pixels_matches_resizing_the_map(native: tuple[int, int], size: tuple[int, int]) -> None:
+    maps = torch.rand(1, *native, generator=torch.Generator().manual_seed(1))
+    expected = to_pixels(resize_maps(maps, size, "nearest")[0])
+    np.testing.assert_array_equal(upsample_pixels(to_pixels(maps[0]), size), expected)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_png_from_the_native_map_equals_png_of_the_resized_map(signed: bool) -> None:
+    native = torch.rand(7, 7, generator=torch.Generator().manual_seed(2)) * (2 if signed else 1) - (1 if signed else 0)
+    resized = resize_maps(native[None], (50, 60), "nearest")[0]
+    slow = map_data("png", native, resized, signed=signed)
+    fast = map_data("png", native, None, signed=signed, size=(50, 60))
+    np.testing.assert_array_equal(np.asarray(decode_png(fast["data"])), np.asarray(decode_png(slow["data"])))
+    assert {k: v for k, v in fast.items() if k != "data"} == {k: v for k, v in slow.items() if k != "data"}
+
+
+@pytest.mark.parametrize(("native", "size"), [((7, 7), (224, 224)), ((7, 9), (200, 301)), ((14, 14), (5, 3)),
+                                              ((1, 1), (4, 6)), ((3, 3), (3, 3)), ((13, 11), (97, 1))])  # fmt: skip
+def test_png_nearest_is_the_png_of_the_upsampled_pixels(native: tuple[int, int], size: tuple[int, int]) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, size=native, dtype=np.uint8)
+    assert png_nearest(pixels, size) == png_bytes(upsample_pixels(pixels, size))

@@ -167,6 +167,26 @@ def test_bad_model_config_fails_at_start(tiny_export: Path) -> None:
         LafamService.from_folder(tiny_export, config={"format": "jpeg"})
 
 
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_threads_in_the_model_config_set_torch_and_onnx_runtime(tmp_path: Path, backend: str) -> None:
+    folder = tmp_path / backend
+    write_export(folder, backend=backend)
+    before = torch.get_num_threads()
+    try:
+        service = LafamService.from_folder(folder, config={"threads": 1})
+        assert torch.get_num_threads() == 1
+        if backend == "onnx":
+            assert service.backend._session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [0, -1, "2", True, 1.5])
+def test_bad_threads_fail_at_start(tiny_export: Path, threads: object) -> None:
+    with pytest.raises(ValueError, match="threads"):
+        LafamService.from_folder(tiny_export, config={"threads": threads})
+
+
 def test_embedding_model_returns_embedding_and_map(tiny_encoder_export: Path) -> None:
     bodies, _ = serve(tiny_encoder_export, [png_item(), png_item()])
     for body in bodies:

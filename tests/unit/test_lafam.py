@@ -208,3 +208,14 @@ def test_resize_keeps_signed_maps_negative_and_above_one(mode):
     out = resize_maps(maps, (8, 8), mode)
     assert float(out.min()) == pytest.approx(-1.5)
     assert float(out.max()) == pytest.approx(2.0)
+
+
+def test_the_served_cpu_path_equals_the_torch_scaling() -> None:
+    """The numpy min-max of the served CPU path gives exactly the torch one (used on GPUs and with autograd)."""
+    activations = torch.randn(3, 16, 7, 5, generator=torch.Generator().manual_seed(0))
+    activations[1] = 2.5  # a constant map: zeros
+    activations[2, :, 0, 0] = float("inf")  # non-finite: clamped first
+    served = lafam(activations)
+    reference = minmax_scale(activations.float().mean(dim=1))
+    assert torch.equal(served, reference)
+    assert torch.equal(lafam(activations.clone().requires_grad_()).detach(), reference)
