@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +169,14 @@ def test_architectures_quick_run_explains_every_family_with_every_method(tmp_pat
             assert answered, (family, column.title, cell)
             assert 0 < float(answered.group(1)) < math.inf, (family, column.title, cell)
     assert "Failures" not in mine
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU host runs the script for real")
+def test_gpu_script_says_so_and_measures_nothing_without_a_gpu(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
+    result = subprocess.run(
+        [str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no NVIDIA GPU" in result.stderr
+    assert not (tmp_path / "out" / "RESULTS.md").exists()
