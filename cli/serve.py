@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     archives = [str(path) for path in args.archives]
     try:
         if auth is None:
-            return _torchserve(args, workdir)
+            return _torchserve(args, workdir, exporter)
         if args.engine == "kserve":
             from engines import kserve_engine
 
@@ -106,7 +106,7 @@ def _check_engine_arguments(args: argparse.Namespace) -> None:
         )
 
 
-def _torchserve(args: argparse.Namespace, workdir: Path) -> int:
+def _torchserve(args: argparse.Namespace, workdir: Path, exporter: tuple[str, int] | None) -> int:
     from serving.torchserve import TorchServe, free_port
 
     store = workdir / "model_store"
@@ -122,8 +122,7 @@ def _torchserve(args: argparse.Namespace, workdir: Path) -> int:
     if args.no_auth:
         config["disable_token_authorization"] = "true"  # noqa: S105 - a setting's name, not a password
     ports = {name: free_port() for name in ("management", "metrics", "grpc_inference", "grpc_management")}
-    exporter = os.environ.get("LAFAM_METRICS_ADDRESS", "127.0.0.1:8083").rpartition(":")[2]
-    ports |= {"inference": args.port, "lafam_metrics": int(exporter) if exporter.isdigit() else free_port()}
+    ports |= {"inference": args.port, "lafam_metrics": exporter[1] if exporter else free_port()}
     server = TorchServe(store, names, workdir=workdir / "torchserve", ports=ports, config=config)
     stop = False
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers import kserve
-from handlers.errors import InvalidJSON, PayloadTooLarge, ServeError, shown, to_response
+from handlers.errors import InvalidJSON, ServeError, shown, to_response
 from handlers.json_input import parse_json
 from handlers.service import LafamService, Reply, Request
 
@@ -208,16 +208,6 @@ def _metadata(served: Served) -> dict[str, Any]:
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}],
         "outputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}],
     }
-
-
-def check_size(length: int) -> None:
-    """Refuse a body over :data:`MAX_REQUEST_BYTES`.
-
-    Raises:
-        PayloadTooLarge: the body is too large.
-    """
-    if length > MAX_REQUEST_BYTES:
-        raise PayloadTooLarge(f"the request body has more than {MAX_REQUEST_BYTES} bytes", limit=MAX_REQUEST_BYTES)
 
 
 def _json_body(request: HttpRequest) -> Any:

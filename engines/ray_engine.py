@@ -107,6 +107,7 @@ class LafamDeployment:
         self.run_batch.set_max_batch_size(first.batch_size)
         self.run_batch.set_batch_wait_timeout_s(first.max_batch_delay_s)
         self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lafam-compute")
+        self._app = asgi.ProtocolApp(self.models, self.auth, self._dispatch)  # body limit, routes, errors
         given = {Path(path).absolute() for path in archives}
         self._unpacked = [m.folder for m in loaded.values() if m.folder.absolute() not in given]  # .mar → temp
         logger.info("replica %d serves %s", os.getpid(), ", ".join(sorted(self.models)))
@@ -121,24 +122,7 @@ class LafamDeployment:
 
     async def __call__(self, request: Request) -> Response:
         """Answer one HTTP request routed by Serve's proxy."""
-        headers = asgi.headers_of(request.scope)
-        if asgi.declared_too_large(headers):
-            return _response(asgi.too_large())
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > protocol.MAX_REQUEST_BYTES:
-                return _response(asgi.too_large())
-        http_request = protocol.HttpRequest(request.method, request.scope["path"], headers, bytes(body))
-        routed = protocol.route(http_request, self.models, self.auth)
-        if isinstance(routed, protocol.HttpReply):
-            return _response(routed)
-        try:
-            reply = await self._dispatch(routed)
-        except Exception as exc:  # the request fails alone, as the service's error JSON; the replica keeps serving
-            logger.exception("request to %s failed", routed.model)
-            reply = protocol.error_reply(exc)
-        return _response(reply)
+        return _response(await self._app.respond(request.scope, request.receive))
 
     async def _dispatch(self, call: protocol.Call) -> protocol.HttpReply:
         if not call.requests:  # every image failed before the model

@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from demo.run import build_demo_archive
 from scenes.synthetic import save_samples
 from serving.ray_cluster import Cluster, alive, local_cluster, processes
+from serving.torchserve import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -53,12 +54,6 @@ REPLICA_TITLE = "ServeReplica:lafam:LafamDeployment"  # ray::ServeReplica:<app>:
 THREADS = 4
 GRACE_S = 0.5
 """After the kill, how long a request may still have been routed to the dead replica: the kill's own latency."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
