@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .fused import MAX_FUSED_BYTES, Fused, fuse_onnx, fused_outputs, lafam_scripted
 from .manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ class Backend(Protocol):
 
     name: str
     device: torch.device
+    maps: dict[str, Fused]
+    """``{activation output: its fused outputs}`` for the activations whose LaFAM map the runtime computes
+    (:mod:`handlers.fused`); ``run`` returns those outputs too. Empty: none (the handler computes them)."""
 
     def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one batch ``(N, 3, H, W)`` float32 and return every graph output by name."""
@@ -34,12 +39,21 @@ class Backend(Protocol):
 class OnnxBackend:
     """ONNX Runtime session; CUDA execution provider on ``cuda:<id>`` when asked and available.
 
-    Outputs come back as CPU tensors sharing memory with ONNX Runtime's numpy arrays (no copy).
+    Outputs come back as CPU tensors sharing memory with ONNX Runtime's numpy arrays (no copy). ``maps``: the
+    activation outputs (and their channels) whose LaFAM map is added to the graph in memory
+    (:func:`handlers.fused.fuse_onnx`); the graph file itself is not changed.
     """
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, output_names: list[str], device: torch.device, threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        output_names: list[str],
+        device: torch.device,
+        threads: int = 0,
+        maps: Mapping[str, int] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -58,8 +72,16 @@ class OnnxBackend:
                     "a GPU was assigned but onnxruntime has no CUDA provider: running on CPU "
                     "(install the 'gpu' extra, onnxruntime-gpu)"
                 )
-        self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-        self._outputs = list(output_names)
+        self.maps: dict[str, Fused] = {}
+        graph: str | bytes = str(model_path)
+        if maps and Path(model_path).stat().st_size <= MAX_FUSED_BYTES:
+            import onnx
+
+            model = onnx.load(str(model_path))
+            self.maps = fuse_onnx(model, maps)
+            graph = model.SerializeToString()
+        self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+        self._outputs = [*output_names, *(name for fused in self.maps.values() for name in (fused.map, fused.pixels))]
         on_gpu = self._session.get_providers()[0] == "CUDAExecutionProvider"
         self.device = device if on_gpu else torch.device("cpu")
 
@@ -71,12 +93,19 @@ class OnnxBackend:
 
 
 class TorchScriptBackend:
-    """A TorchScript module on the given device, run under ``torch.inference_mode``."""
+    """A TorchScript module on the given device, run under ``torch.inference_mode``.
+
+    ``maps``: the activation outputs whose LaFAM map :func:`handlers.fused.lafam_map` (scripted) computes right after
+    the module, inside the same inference-mode call.
+    """
 
     name = "torchscript"
 
-    def __init__(self, model_path: str | Path, output_names: list[str], device: torch.device) -> None:
+    def __init__(
+        self, model_path: str | Path, output_names: list[str], device: torch.device, maps: Sequence[str] = ()
+    ) -> None:
         self.device = device
+        self.maps = {source: fused_outputs(source) for source in maps}
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still ship it
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
             self._module = torch.jit.load(str(model_path), map_location=device).eval()
@@ -86,9 +115,13 @@ class TorchScriptBackend:
         """Run the module on ``batch`` moved to the backend's device; outputs stay on that device."""
         with torch.inference_mode():
             results = self._module(batch.to(self.device, torch.float32, non_blocking=True))
-        if isinstance(results, torch.Tensor):
-            results = (results,)
-        return dict(zip(self._outputs, results, strict=True))
+            if isinstance(results, torch.Tensor):
+                results = (results,)
+            outputs = dict(zip(self._outputs, results, strict=True))
+            fuse = lafam_scripted()
+            for source, names in self.maps.items():
+                outputs[names.map], outputs[names.pixels] = fuse(outputs[source])
+        return outputs
 
 
 def output_names(manifest: Manifest) -> list[str]:
@@ -97,7 +130,11 @@ def output_names(manifest: Manifest) -> list[str]:
 
 
 def load_backend(
-    manifest: Manifest, folder: str | Path, device: torch.device | str = "cpu", threads: int = 0
+    manifest: Manifest,
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    threads: int = 0,
+    fuse_maps: bool = False,
 ) -> Backend:
     """Load the graph a manifest describes.
 
@@ -107,13 +144,16 @@ def load_backend(
         device: ``cpu`` or ``cuda:<id>`` (the GPU TorchServe assigned to this worker).
         threads: ONNX Runtime's intra-op threads (0: its default, one per physical core); TorchScript runs
             on torch's threads, set process-wide by the caller.
+        fuse_maps: let the runtime compute each layer's LaFAM map in the same pass (:mod:`handlers.fused`).
 
     Returns:
-        A backend whose ``run`` returns every output named in :func:`output_names`.
+        A backend whose ``run`` returns every output named in :func:`output_names`, and the fused maps named in
+        its ``maps``.
     """
     device = torch.device(device)
     path = Path(folder) / manifest.model_file
     names = output_names(manifest)
+    maps = {spec.output: spec.shape[0] for spec in manifest.layers} if fuse_maps else {}
     if manifest.backend == "onnx":
-        return OnnxBackend(path, names, device, threads)
-    return TorchScriptBackend(path, names, device)
+        return OnnxBackend(path, names, device, threads, maps)
+    return TorchScriptBackend(path, names, device, maps)

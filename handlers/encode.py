@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import struct
 import zlib
 from collections.abc import Callable
@@ -56,11 +57,80 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return _png(rows)
 
 
+STORED_MAX_BYTES = 4096
+"""The largest ``distinct rows x (W + 1)`` written by :class:`NearestPng` (rows stored, not compressed): a few KiB
+more per map buys a map that is written without running zlib. Larger maps go through :func:`png_nearest`."""
+_ADLER_BASE = 65521
+
+
+class NearestPng:
+    """The PNG writer of one nearest upsampling ``(h, w)`` → ``(H, W)``, prepared once per shape (:func:`nearest_png`).
+
+    A map is written right after the forward pass, when the pass has evicted the encoder's code and data from
+    the caches, and every library call then costs several times its warm time. So the per-map work is a few
+    byte operations and no compression: the first output row of each source row is written in full (filter
+    None) in a stored deflate block; the repeats that follow are rows of PNG's 'Up' filter, all zeros, whose
+    compressed deflate blocks are made here, once. zlib's Adler-32 runs over the written rows only; it is
+    continued over the precomputed runs arithmetically. The decoded pixels are exactly those of
+    :func:`upsample_pixels` (tested against Pillow's decoder).
+    """
+
+    def __init__(self, native: tuple[int, int], size: tuple[int, int]) -> None:
+        (self.h, self.w), (height, width) = native, size
+        sources = _nearest_indices(self.h, height)
+        columns = _nearest_indices(self.w, width)
+        # source column of each run of equal output columns, and the run's length
+        edges = np.flatnonzero(np.r_[True, columns[1:] != columns[:-1], True])
+        self.runs = [(int(columns[a]), int(b - a)) for a, b in itertools.pairwise(edges)]
+        counts = np.bincount(sources, minlength=self.h)
+        self.rows = [(int(row), int(count)) for row, count in enumerate(counts) if count]
+        line = width + 1
+        self.stored = b"\x00" + struct.pack("<HH", line, line ^ 0xFFFF)  # non-final stored block of one row
+        self.repeats: dict[int, tuple[bytes, int, int, int]] = {}
+        for _, count in self.rows:
+            if count > 1 and count - 1 not in self.repeats:
+                raw = (b"\x02" + bytes(width)) * (count - 1)  # Up-filtered repeats: filter byte 2, zero bytes
+                packer = zlib.compressobj(PNG_ZLIB_LEVEL, zlib.DEFLATED, -15)  # raw deflate, byte-aligned end
+                blocks = packer.compress(raw) + packer.flush(zlib.Z_FULL_FLUSH)
+                total, length = 2 * len(raw) // line, len(raw)  # sum of bytes: 2 per row
+                weighted = sum(2 * (length - offset) for offset in range(0, length, line))  # Σ (L - k) d_k
+                self.repeats[count - 1] = (blocks, total % _ADLER_BASE, length % _ADLER_BASE, weighted % _ADLER_BASE)
+        header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+        self.head = PNG_SIGNATURE + _chunk(b"IHDR", header)
+        self.tail = _chunk(b"IEND", b"")
+
+    def encode(self, data: bytes) -> bytes:
+        """The PNG of ``h * w`` grey levels (bytes, row-major) upsampled to the prepared size."""
+        w = self.w
+        parts = [b"\x78\x01"]  # zlib header: deflate, 32 KiB window
+        adler = 1
+        for row, count in self.rows:
+            line = data[row * w : row * w + w]
+            written = b"\x00" + b"".join([line[column : column + 1] * n for column, n in self.runs])
+            parts += (self.stored, written)
+            adler = zlib.adler32(written, adler)
+            if count > 1:
+                blocks, total, length, weighted = self.repeats[count - 1]
+                low, high = adler & 0xFFFF, adler >> 16
+                adler = (((high + length * low + weighted) % _ADLER_BASE) << 16) | ((low + total) % _ADLER_BASE)
+                parts.append(blocks)
+        parts += (b"\x01\x00\x00\xff\xff", struct.pack(">I", adler))  # final empty stored block, Adler-32
+        return self.head + _chunk(b"IDAT", b"".join(parts)) + self.tail
+
+
+@functools.lru_cache(maxsize=64)
+def nearest_png(native: tuple[int, int], size: tuple[int, int]) -> NearestPng | None:
+    """The prepared writer of a ``native`` → ``size`` nearest map, or ``None`` past :data:`STORED_MAX_BYTES`."""
+    distinct = len(set(_nearest_indices(native[0], size[0]).tolist()))
+    return NearestPng(native, size) if distinct * (size[1] + 1) <= STORED_MAX_BYTES else None
+
+
 def png_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
     """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size``, without building the upsampled image.
 
     The same bytes as ``png_bytes(upsample_pixels(pixels, size))``: an output row that repeats the one above
-    is all zeros under the 'Up' filter, so only the first row of each source row is filled in.
+    is all zeros under the 'Up' filter, so only the first row of each source row is filled in. Small maps are
+    written faster, without compression, by :class:`NearestPng` (:func:`encode_nearest`).
     """
     sources = _nearest_indices(pixels.shape[0], size[0])
     columns = _nearest_indices(pixels.shape[1], size[1])
@@ -73,6 +143,19 @@ def png_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
     later = starts[starts > 0]
     rows[later, 1:] = upsampled[sources[later]] - upsampled[sources[later - 1]]  # uint8: modulo 256
     return _png(rows)
+
+
+def encode_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
+    """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size``: :class:`NearestPng` or :func:`png_nearest`."""
+    return encode_grey(pixels.tobytes(), (int(pixels.shape[0]), int(pixels.shape[1])), size)
+
+
+def encode_grey(data: bytes, native: tuple[int, int], size: tuple[int, int]) -> bytes:
+    """:func:`encode_nearest` of grey levels given as ``h * w`` bytes, row-major."""
+    writer = nearest_png(native, (int(size[0]), int(size[1])))
+    if writer is not None:
+        return writer.encode(data)
+    return png_nearest(np.frombuffer(data, np.uint8).reshape(native), size)
 
 
 def png_base64(map_2d: torch.Tensor) -> str:
@@ -106,6 +189,7 @@ def map_data(
     *,
     signed: bool,
     size: tuple[int, int] | None = None,
+    pixels: bytes | None = None,
 ) -> dict[str, Any]:
     """Encode one map: ``{"empty": ..., "data": ...}`` (plus ``max_abs`` for a signed map).
 
@@ -124,11 +208,20 @@ def map_data(
         signed: whether the map is signed (not min-max scaled).
         size: for ``png`` without ``resized``: the ``(H, W)`` to nearest-upsample the native map to, done on the
             8-bit grey levels (the same pixels as resizing first, a fraction of the work).
+        pixels: for an unsigned map whose min-max scaling left it all zeros or with a maximum of 1 (LaFAM): its
+            grey levels, ``h * w`` bytes (:attr:`~.methods.contract.Explanation.pixels`), written as they are
+            for ``png`` with ``size`` (``native`` may then be ``(1, h, w)``); ``empty`` is then "every level 0",
+            the same as every value 0.
 
     Raises:
         ValueError: ``png`` with neither ``resized`` nor ``size``.
     """
-    peak = float(native.detach().abs().max()) if native.numel() else 0.0
+    if pixels is not None and fmt == "png" and resized is None and size is not None and not signed:
+        native_size = (int(native.shape[-2]), int(native.shape[-1]))
+        data = base64.b64encode(encode_grey(pixels, native_size, size)).decode("ascii")
+        return {"empty": pixels.count(0) == len(pixels), "data": data}
+    values = native.detach().float().cpu().numpy()  # no copy for the CPU float32 maps the methods return
+    peak = float(np.abs(values).max()) if values.size else 0.0
     scale = peak if signed else 1.0
     entry: dict[str, Any] = {"empty": not peak > 0}
     if signed:
@@ -140,8 +233,9 @@ def map_data(
         if resized is not None:
             entry["data"] = png_base64(0.5 + resized / (2 * divisor) if signed else resized)
         else:
-            pixels = to_pixels(0.5 + native / (2 * divisor) if signed else native)
-            entry["data"] = base64.b64encode(png_nearest(pixels, size)).decode("ascii")
+            grey = 0.5 + values / np.float32(2 * divisor) if signed else values
+            pixels = (np.clip(grey, 0.0, 1.0) * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)  # to_pixels
+            entry["data"] = base64.b64encode(encode_nearest(pixels, size)).decode("ascii")
     else:
         # round in float64: rounded float32 values would reach the JSON as e.g. 0.12346000224351883
         values = native.detach().cpu().double() / divisor
@@ -208,7 +302,9 @@ def encode_explanation(
         body["scale"] = "signed"
     images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
     if result.classes is None:
-        body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
+        written = result.pixels is not None and fmt == "png" and images[0] is None  # only its (h, w) is read then
+        native = maps if written else maps[0]
+        body.update(map_data(fmt, native, images[0], signed=result.signed, size=size, pixels=result.pixels))
     else:
         body["classes"] = [
             {

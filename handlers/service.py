@@ -19,15 +19,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import metrics
 from .backends import Backend, load_backend
 from .drift import map_statistics
 from .eager import load_eager
-from .encode import encode_explanation, predictions_json
+from .encode import encode_explanation, predictions_json, to_pixels
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
-from .explain.lafam import resize_maps
+from .explain.lafam import lafam, resize_maps
+from .fused import agrees
 from .images import DecodedImage, open_image, to_tensor
 from .json_input import check_depth, parse_json
 from .manifest import Defaults, Manifest
@@ -198,6 +200,9 @@ class LafamService:
         self._explain_hint = (
             "" if engines else " (this archive has no eager model: export with --eager for backward-pass methods)"
         )
+        fused = getattr(backend, "maps", {})
+        self._fused = {layer.name: fused[layer.output] for layer in manifest.layers if layer.output in fused}
+        """Layer name → the backend outputs carrying its fused LaFAM map (:mod:`handlers.fused`), once checked."""
 
     @classmethod
     def from_folder(
@@ -250,7 +255,7 @@ class LafamService:
                 parse_options(manifest)  # a bad default fails the worker's start, not every request
             except InvalidOption as exc:
                 raise ValueError(f"invalid default in the model config's 'lafam' section: {exc.message}") from exc
-        backend = load_backend(manifest, folder, device, threads or 0)
+        backend = load_backend(manifest, folder, device, threads or 0, fuse_maps=True)
         service = cls(manifest, backend, engines, max_classes, drift=drift, max_input_pixels=max_input_pixels)
         service.warm_up()
         return service
@@ -264,6 +269,28 @@ class LafamService:
         blank = torch.zeros(1, 3, *self.manifest.input_size)
         for _ in range(runs):
             self.backend.run(blank)
+        self._check_fused()
+
+    def _check_fused(self) -> None:
+        """Serve a fused map only if it matches :func:`~handlers.explain.lafam.lafam` on a random batch.
+
+        A layer whose runtime map differs (a runtime's reduction gone wrong) is logged and served by the
+        reference instead: the map a client gets never depends on the runtime computing it.
+        """
+        if not self._fused:
+            return
+        probe = torch.randn(2, 3, *self.manifest.input_size, generator=torch.Generator().manual_seed(0))
+        outputs = self.backend.run(probe)
+        for layer in self.manifest.layers:
+            fused = self._fused.get(layer.name)
+            if fused is None:
+                continue
+            maps, pixels = outputs[fused.map][:, 0], outputs[fused.pixels][:, 0]  # (N, 1, h, w) → (N, h, w)
+            levels = torch.from_numpy(np.stack([to_pixels(one) for one in maps.cpu()])).int()
+            same_levels = pixels.shape == maps.shape and int((pixels.cpu().int() - levels).abs().max()) <= 1
+            if not (agrees(maps, lafam(outputs[layer.output])) and same_levels):
+                logger.warning("the runtime's fused LaFAM map of %s differs from the reference: not used", layer.name)
+                del self._fused[layer.name]
 
     def predict(self, requests: Sequence[Request]) -> list[Reply]:
         """Answer a batch: one :class:`Reply` per request, in order; never raises."""
@@ -339,6 +366,7 @@ class LafamService:
         probabilities = torch.softmax(main.float(), dim=1) if manifest.task == "classification" else None
 
         activations = {layer.name: outputs[layer.output] for layer in manifest.layers}
+        fused_maps = {layer: (outputs[names.map], outputs[names.pixels]) for layer, names in self._fused.items()}
         memo: dict[Hashable, Any] = {}  # work the methods share across this batch (Inputs.once)
         replies = []
         for row, item in enumerate(prepared):
@@ -358,6 +386,7 @@ class LafamService:
                         item.options,
                         row_probabilities,
                         batch_activations=activations,
+                        batch_maps=fused_maps,
                         row=row,
                         engines=self.engines,
                         memo=memo,
@@ -392,7 +421,7 @@ class LafamService:
         probabilities = inputs.probabilities
         try:
             classes = choose_classes(method, options, probabilities) if Need.CLASSES in method.needs else None
-            result = method.explain(replace(inputs, classes=classes))
+            result = method.explain(inputs if classes == inputs.classes else replace(inputs, classes=classes))
         except ValueError as exc:  # an option this model cannot honour (e.g. a layer LRP cannot seed at)
             if not backward:
                 raise
@@ -410,7 +439,9 @@ class LafamService:
         seen: tuple[int, int],
         probabilities: torch.Tensor | None,
     ) -> dict[str, Any]:
-        maps = result.maps.detach().float().cpu()
+        maps = result.maps
+        if maps.requires_grad or maps.dtype is not torch.float32 or maps.device.type != "cpu":
+            maps = maps.detach().float().cpu()
         self._record_drift(maps[0], options.method)
         size = self._size(options, original_size, seen)
         # nearest (the default) is upsampled on the 8-bit pixels while encoding; bilinear needs the float maps

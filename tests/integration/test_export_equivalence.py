@@ -31,6 +31,8 @@ from export.verify import (
     verify_report,
 )
 from handlers.backends import INPUT_NAME, load_backend, output_names
+from handlers.explain.lafam import lafam
+from handlers.fused import agrees
 from handlers.manifest import MANIFEST_FILE, Manifest, sha256_file
 from tests.tiny_models import Encoder
 
@@ -281,6 +283,22 @@ def test_eager_torchscript_and_onnx_runtime_agree(exported: Exported, batch_size
         # ONNX Runtime vs TorchScript, held to the same bound relative to eager's magnitude.
         difference = float((results["onnx"][name] - results["torchscript"][name]).abs().max())
         assert difference <= 2 * allowed_difference(float(expected.abs().max()), TOLERANCE), name
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_fused_maps_match_the_reference_lafam(exported: Exported, batch_size: int) -> None:
+    """Each runtime's fused map (handlers.fused) is LaFAM of its own activations, within AGREEMENT, every layer."""
+    batch = torch.randn(batch_size, 3, *exported.case.input_size, generator=torch.Generator().manual_seed(7))
+    for backend, folder in exported.folders.items():
+        manifest = Manifest.load(folder)
+        loaded = load_backend(manifest, folder, "cpu", fuse_maps=True)
+        outputs = loaded.run(batch)
+        assert set(loaded.maps) == {spec.output for spec in manifest.layers}, backend
+        for spec in manifest.layers:
+            fused, reference = outputs[loaded.maps[spec.output].map], lafam(outputs[spec.output])
+            assert fused.shape == (batch_size, 1, *spec.shape[1:]), (backend, spec.name)
+            fused = fused[:, 0]
+            assert agrees(fused, reference), (backend, spec.name, float((fused - reference).abs().max()))
 
 
 # --- fallbacks and failures, on the small custom model ----------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -13,8 +15,11 @@ from PIL import Image
 
 from handlers.encode import (
     ARRAY_DECIMALS,
+    STORED_MAX_BYTES,
+    encode_nearest,
     explanation_json,
     map_data,
+    nearest_png,
     png_base64,
     png_bytes,
     png_nearest,
@@ -232,3 +237,53 @@ def test_png_from_the_native_map_equals_png_of_the_resized_map(signed: bool) -> 
 def test_png_nearest_is_the_png_of_the_upsampled_pixels(native: tuple[int, int], size: tuple[int, int]) -> None:
     pixels = np.random.default_rng(3).integers(0, 256, size=native, dtype=np.uint8)
     assert png_nearest(pixels, size) == png_bytes(upsample_pixels(pixels, size))
+
+
+def idat(png: bytes) -> bytes:
+    """The concatenated IDAT data of a PNG, chunk CRCs checked."""
+    position, data = len(b"\x89PNG\r\n\x1a\n"), b""
+    while position < len(png):
+        (length,) = struct.unpack(">I", png[position : position + 4])
+        kind, body = png[position + 4 : position + 8], png[position + 8 : position + 8 + length]
+        (crc,) = struct.unpack(">I", png[position + 8 + length : position + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        data += body if kind == b"IDAT" else b""
+        position += 12 + length
+    return data
+
+
+WRITTEN = [((7, 7), (224, 224)), ((14, 14), (224, 224)), ((7, 9), (200, 301)), ((14, 14), (5, 3)), ((1, 1), (4, 6)),
+           ((3, 3), (3, 3)), ((2, 2), (1, 1)), ((13, 11), (97, 1)), ((7, 7), (500, 500)),
+           ((5, 3), (17, 13))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("native", "size"), WRITTEN)
+@pytest.mark.parametrize("content", ["random", "zeros", "full"])
+def test_nearest_png_writer_decodes_to_the_upsampled_pixels(
+    native: tuple[int, int], size: tuple[int, int], content: str
+) -> None:
+    pixels = {
+        "random": np.random.default_rng(4).integers(0, 256, size=native, dtype=np.uint8),
+        "zeros": np.zeros(native, np.uint8),
+        "full": np.full(native, 255, np.uint8),
+    }[content]
+    writer = nearest_png(native, size)
+    assert writer is not None  # all of these are small enough to be written without compression
+    png = writer.encode(pixels.tobytes())
+    assert encode_nearest(pixels, size) == png
+    raw = zlib.decompress(idat(png))  # checks the Adler-32 continued over the precomputed runs
+    assert len(raw) == size[0] * (size[1] + 1)
+    image = decode_png(base64.b64encode(png).decode())
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), upsample_pixels(pixels, size))
+    np.testing.assert_array_equal(
+        np.asarray(image), np.asarray(decode_png(base64.b64encode(png_nearest(pixels, size)).decode()))
+    )
+
+
+def test_large_nearest_maps_are_compressed_by_png_nearest() -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, size=(56, 56), dtype=np.uint8)
+    assert nearest_png((56, 56), (224, 224)) is None  # 56 rows x 225 bytes: over STORED_MAX_BYTES
+    assert encode_nearest(pixels, (224, 224)) == png_nearest(pixels, (224, 224))
+    assert nearest_png((7, 7), (224, 224)) is nearest_png((7, 7), (224, 224))  # prepared once per shape
+    assert 7 * 225 <= STORED_MAX_BYTES < 56 * 225
