@@ -180,3 +180,13 @@ def test_gpu_script_says_so_and_measures_nothing_without_a_gpu(tmp_path: Path) -
     assert result.returncode == 2, result.stderr
     assert "no NVIDIA GPU" in result.stderr
     assert not (tmp_path / "out" / "RESULTS.md").exists()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_lafam_overhead_times_the_fused_outputs_inside_the_pass(tmp_path: Path, backend: str) -> None:
+    from benchmarks.lafam_overhead import fused_share
+    from tests.unit.conftest import write_export
+
+    write_export(tmp_path, backend=backend)
+    share = fused_share(tmp_path, batch=2, runs=3)
+    assert 0 < share < 1  # some time, and less than the whole pass
