@@ -5,7 +5,7 @@ computed, upsampled to the input size and PNG-encoded; ``none`` → no map). The
 (ABAB...) so that drift of a noisy machine hits both alike, and the figure reported is the median of
 the per-pair ratios. That difference of two ~50 ms calls cannot resolve a few tenths of a percent on a noisy
 2-core machine, so the map's cost is also measured directly inside the same calls: the time spent in the
-service's explanation step (the reduction, the upsampling and the PNG encoding of each request's map) as a
+service's explanation step (taking the map, upsampling it and PNG-encoding it for each request) as a
 share of the whole call, the median over the calls with the map ("direct" column). The map itself is computed
 by the runtime in the same pass (handlers.fused), for requests with and without the map alike: its cost is
 timed inside the pass (:func:`fused_share`, "in graph" column); LaFAM's overhead is the sum of the two ("total",
@@ -32,7 +32,7 @@ from PIL import Image
 
 from benchmarks._report import cpu_name, section, write_section
 from export.exporter import export_model
-from handlers.backends import load_backend
+from handlers.backends import load_backend, session_options
 from handlers.manifest import Manifest
 from handlers.service import LafamService, Request
 
@@ -182,9 +182,7 @@ def fused_share(folder: Path, batch: int, runs: int) -> float:
     fused = fuse_onnx(model, {spec.output: spec.shape[0] for spec in manifest.layers})
     fetches = [manifest.main_output, *activations, *(n for f in fused.values() for n in (f.map, f.pixels))]
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options()  # as served, plus the profiler
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -16,9 +16,10 @@ last is answered) for ``--duration`` seconds with the same JPEG images and the i
 are recorded per request inside locust (end time and exact milliseconds, not locust's rounded
 percentiles); throughput is requests over the span from the first start to the last end.
 
-Each served model is set beside its forward bound: ``BATCH_SIZE`` / the library-level median forward time at
-that batch size of the runtime it runs on (below), the req/s of a worker that did nothing but full-batch
-forward passes. While locust runs, a sampler thread reads with psutil the CPU seconds of locust's process
+Each served model is set beside its forward bound: the images per second of the runtime it runs on at
+``BATCH_SIZE``, library level (below), the faster of one session on the runtime's default threads and
+``--workers`` single-threaded sessions side by side: what the workers would serve doing nothing but
+full-batch forward passes. While locust runs, a sampler thread reads with psutil the CPU seconds of locust's process
 tree, TorchServe's JVM, the model workers and the whole machine, and reports each as a share of the
 machine's capacity over the load window (the load generator shares the machine with the server). For
 lafam-serve's archives, the handler's own stage histograms (read from its metrics exporter before and after
@@ -81,8 +82,8 @@ WORKERS = 2
 THREADS = 1
 """Workers per model and compute threads per worker (``lafam: {threads}``, and ``OMP_NUM_THREADS`` for every
 worker, the stock ones too). Chosen from a measurement here: two single-threaded ONNX Runtime sessions side by
-side run ResNet-50 at batch 8 about 1.5x faster than one session on both cores (ONNX Runtime gains 1.33x from a
-second thread), and a second worker prepares its batch while the other computes."""
+side ran ResNet-50 at batch 8 1.0-1.5x as fast as one session on both cores (ONNX Runtime's second thread
+gains 1.3-2x depending on the machine), and a second worker prepares its batch while the other computes."""
 IMAGES = 16
 BASELINE = "stock-eager"
 BOUND_RUNTIME = {
@@ -399,12 +400,11 @@ def _key(process: psutil.Process) -> ProcessKey | None:
 class CpuSampler:
     """Sample the CPU seconds of locust's tree, TorchServe's JVM and its model workers every ``interval`` s.
 
-    A background thread of this process; each look scans the launcher's and locust's descendants once
-    (about 2 ms of CPU). Same rules as :meth:`TorchServe.frontend_process` and :meth:`TorchServe.worker_processes`:
-    the ``java`` child of the launcher is the frontend, a process running ``model_service_worker`` a worker.
-    A process that is neither yet (a worker between fork and exec) is looked at again on the next look; the
-    launcher and anything else it spawned (TorchServe's metric collector) are left to "other". Locust's
-    processes count with their reaped children.
+    A background thread of this process; each look scans the server's and locust's processes once (about
+    2 ms of CPU): the frontend and workers as :meth:`TorchServe.frontend_process` and
+    :meth:`TorchServe.worker_processes` find them (a server without those methods has neither), locust's whole
+    process tree, counted with its reaped children. A worker between fork and exec is found on a later look;
+    the launcher and anything else it spawned (TorchServe's metric collector) are left to "other".
     """
 
     server: TorchServe
@@ -415,42 +415,29 @@ class CpuSampler:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
-        self._processes: dict[ProcessKey, tuple[str | None, psutil.Process]] = {}
-
-    @staticmethod
-    def _classify(process: psutil.Process, root: str, launcher: int) -> str | None:
-        if root == "loadgen":
-            return "loadgen"
-        with contextlib.suppress(psutil.Error):
-            if "java" in process.name() and process.ppid() == launcher:
-                return "frontend"
-            if any("model_service_worker" in part for part in process.cmdline()):
-                return "workers"
-        return None
+        self._processes: dict[ProcessKey, tuple[str, psutil.Process]] = {}
 
     def _discover(self) -> None:
-        roots = {"loadgen": self.loadgen_pid}
-        launcher = getattr(self.server, "process", None)
-        if launcher is not None:
-            roots["server"] = launcher.pid
-        for root, pid in roots.items():
-            try:
-                parent = psutil.Process(pid)
-                tree = [parent, *parent.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for process in tree:
+        found: dict[str, list[psutil.Process]] = {"loadgen": []}
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(self.loadgen_pid)
+            found["loadgen"] = [parent, *parent.children(recursive=True)]
+        frontend = getattr(self.server, "frontend_process", None)
+        workers = getattr(self.server, "worker_processes", None)
+        if frontend is not None and workers is not None:
+            found["frontend"] = [process for process in [frontend()] if process is not None]
+            found["workers"] = workers()
+        for group, processes in found.items():
+            for process in processes:
                 key = _key(process)
-                if key is not None and self._processes.get(key, (None,))[0] is None:
-                    self._processes[key] = (self._classify(process, root, roots.get("server", -1)), process)
+                if key is not None:
+                    self._processes.setdefault(key, (group, process))
 
     def sample(self) -> CpuSample:
         """Take one look now (and remember it)."""
         self._discover()
         groups: dict[str, dict[ProcessKey, float]] = {group: {} for group in CPU_GROUPS}
         for key, (group, process) in self._processes.items():
-            if group is None:
-                continue
             seconds = process_seconds(process, children=group == "loadgen")
             if seconds is not None:
                 groups[group][key] = seconds

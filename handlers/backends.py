@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +36,23 @@ class Backend(Protocol):
         ...
 
 
+def session_options(threads: int = 0) -> object:
+    """ONNX Runtime's session options for serving.
+
+    Every graph optimisation, ``threads`` intra-op threads (0: its default), no spinning.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    # Idle intra-op threads would otherwise busy-wait after each run and steal the cores that decode,
+    # explain and encode the batch in this same process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxBackend:
     """ONNX Runtime session; CUDA execution provider on ``cuda:<id>`` when asked and available.
 
@@ -56,13 +73,7 @@ class OnnxBackend:
     ) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        # Idle intra-op threads would otherwise busy-wait after each run and steal the cores that decode,
-        # explain and encode the batch in this same process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -95,17 +106,21 @@ class OnnxBackend:
 class TorchScriptBackend:
     """A TorchScript module on the given device, run under ``torch.inference_mode``.
 
-    ``maps``: the activation outputs whose LaFAM map :func:`handlers.fused.lafam_map` (scripted) computes right after
-    the module, inside the same inference-mode call.
+    ``maps``: the activation outputs (and their channels) whose LaFAM map :func:`handlers.fused.lafam_map`
+    (scripted) computes right after the module, inside the same inference-mode call.
     """
 
     name = "torchscript"
 
     def __init__(
-        self, model_path: str | Path, output_names: list[str], device: torch.device, maps: Sequence[str] = ()
+        self,
+        model_path: str | Path,
+        output_names: list[str],
+        device: torch.device,
+        maps: Mapping[str, int] | None = None,
     ) -> None:
         self.device = device
-        self.maps = {source: fused_outputs(source) for source in maps}
+        self.maps = {source: fused_outputs(source) for source in maps or {}}
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still ship it
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
             self._module = torch.jit.load(str(model_path), map_location=device).eval()

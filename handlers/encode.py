@@ -189,7 +189,6 @@ def map_data(
     *,
     signed: bool,
     size: tuple[int, int] | None = None,
-    pixels: bytes | None = None,
 ) -> dict[str, Any]:
     """Encode one map: ``{"empty": ..., "data": ...}`` (plus ``max_abs`` for a signed map).
 
@@ -208,18 +207,10 @@ def map_data(
         signed: whether the map is signed (not min-max scaled).
         size: for ``png`` without ``resized``: the ``(H, W)`` to nearest-upsample the native map to, done on the
             8-bit grey levels (the same pixels as resizing first, a fraction of the work).
-        pixels: for an unsigned map whose min-max scaling left it all zeros or with a maximum of 1 (LaFAM): its
-            grey levels, ``h * w`` bytes (:attr:`~.methods.contract.Explanation.pixels`), written as they are
-            for ``png`` with ``size`` (``native`` may then be ``(1, h, w)``); ``empty`` is then "every level 0",
-            the same as every value 0.
 
     Raises:
         ValueError: ``png`` with neither ``resized`` nor ``size``.
     """
-    if pixels is not None and fmt == "png" and resized is None and size is not None and not signed:
-        native_size = (int(native.shape[-2]), int(native.shape[-1]))
-        data = base64.b64encode(encode_grey(pixels, native_size, size)).decode("ascii")
-        return {"empty": pixels.count(0) == len(pixels), "data": data}
     values = native.detach().float().cpu().numpy()  # no copy for the CPU float32 maps the methods return
     peak = float(np.abs(values).max()) if values.size else 0.0
     scale = peak if signed else 1.0
@@ -241,6 +232,16 @@ def map_data(
         values = native.detach().cpu().double() / divisor
         entry["data"] = np.round(values.numpy(), ARRAY_DECIMALS).tolist()
     return entry
+
+
+def grey_data(pixels: bytes, native: tuple[int, int], size: tuple[int, int]) -> dict[str, Any]:
+    """:func:`map_data` of a LaFAM map given as its grey levels (:attr:`~.methods.contract.Explanation.pixels`).
+
+    The PNG nearest-upsampled to ``size``. A min-max scaled map is all zeros or reaches 1 (level 255), so
+    ``empty``, "every level 0", is the same as "every value 0".
+    """
+    data = base64.b64encode(encode_grey(pixels, native, size)).decode("ascii")
+    return {"empty": pixels.count(0) == len(pixels), "data": data}
 
 
 def explanation_json(
@@ -302,9 +303,10 @@ def encode_explanation(
         body["scale"] = "signed"
     images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
     if result.classes is None:
-        written = result.pixels is not None and fmt == "png" and images[0] is None  # only its (h, w) is read then
-        native = maps if written else maps[0]
-        body.update(map_data(fmt, native, images[0], signed=result.signed, size=size, pixels=result.pixels))
+        if result.pixels is not None and fmt == "png" and images[0] is None:  # the runtime's grey levels
+            body.update(grey_data(result.pixels, (int(maps.shape[-2]), int(maps.shape[-1])), size))
+        else:
+            body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
     else:
         body["classes"] = [
             {

@@ -1,9 +1,9 @@
 """LaFAM fused into the served graph: the runtime computes the map in the same pass as the prediction.
 
-The backends (:mod:`handlers.backends`) add, for each exported activation, one more graph output: its LaFAM
-map ``(N, h, w)``, channel mean then min-max scaling, in float32, computed by ONNX Runtime (nodes appended to
-the graph when the session is built; the archived graph file is left as exported and verified) or by
-TorchScript (a scripted function run right after the module). The reduction then runs inside the runtime's
+The backends (:mod:`handlers.backends`) add, for each exported activation, the outputs of its LaFAM map
+(channel mean then min-max scaling, in float32), computed by ONNX Runtime (nodes appended to the graph when
+the session is built; the archived graph file is left as exported and verified) or by TorchScript (a scripted
+function run right after the module). The reduction then runs inside the runtime's
 own pass instead of as a dozen Python-level operations afterwards, when the forward has left the caches cold
 and each of them costs several times its warm time (``benchmarks.lafam_overhead`` measures both parts).
 
@@ -18,15 +18,12 @@ reference instead when they differ.
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 MAP_PREFIX = "lafam:"
 PIXELS_PREFIX = "lafam_u8:"
@@ -56,13 +53,13 @@ def fuse_onnx(model: object, activation_outputs: Mapping[str, int]) -> dict[str,
     """Append LaFAM nodes for each activation output to an ONNX ``ModelProto`` (in place).
 
     Per output ``A`` ``(N, C, h, w)`` (``activation_outputs`` gives ``C``): the channel mean as a 1x1 convolution
-    with weights ``1/C`` (ONNX Runtime runs it in its blocked convolution layout, several times faster than a
-    ReduceMean over the channel axis); NaN → 0 and ±inf → ±float32 max, as the reference clamps; halved, so that
-    no difference of two clamped values overflows; ``lo``, ``hi`` = its minimum and maximum over ``(h, w)``; the
-    map is ``clip((M - lo) / max(hi - lo, tiny), 0, 1)`` (a constant map is all zeros) and its grey levels
-    ``uint8(map * 255 + 0.5)`` (truncated, as :func:`handlers.encode.to_pixels` rounds). Float32 throughout:
-    within a few 1e-7 of the reference's float64 scaling. Reduction axes are an attribute before opset 18 and
-    an input from 18.
+    with weights ``1/C`` (ONNX Runtime runs it in its blocked convolution layout: 70 against 120 µs for a
+    ReduceMean over the channel axis of ResNet-50's ``layer4``, by its profiler); NaN → 0 and ±inf → ±float32
+    max, as the reference clamps; halved, so that no difference of two clamped values overflows; ``lo``, ``hi``
+    = its minimum and maximum over ``(h, w)``; the map is ``clip((M - lo) / max(hi - lo, tiny), 0, 1)`` (a
+    constant map is all zeros) and its grey levels ``uint8(map * 255 + 0.5)`` (truncated, as
+    :func:`handlers.encode.to_pixels` rounds). Float32 throughout: within a few 1e-7 of the reference's float64
+    scaling. Reduction axes are an attribute before opset 18 and an input from 18.
 
     Returns:
         ``{activation output: its Fused outputs}``; each is a new graph output, ``(N, 1, h, w)``.
