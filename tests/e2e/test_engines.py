@@ -140,7 +140,11 @@ def _cases() -> list[Any]:
 
 
 NETTY_MAX_HEADER = 8192
-"""TorchServe's frontend (Netty) refuses a request whose headers exceed 8 KiB with its own 400, before the handler."""
+"""TorchServe's frontend (Netty) refuses a request whose headers exceed 8 KiB with its own 400, before the handler.
+
+It then closes the connection with the rest of the request unread, so the kernel may reset it before the
+client has read the 400 (status 0 from ``EngineServer.call``): either answer is a refusal before the handler.
+"""
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -148,7 +152,7 @@ def test_bad_input_corpus(server: EngineServer, case: Case) -> None:
     body, headers = as_http(case)
     status, answer = server.call("POST", "/predictions/tiny", body, headers)
     if server.engine == "torchserve" and sum(len(k) + len(v) for k, v in headers.items()) > NETTY_MAX_HEADER:
-        assert (status, answer.get("type")) == (400, "BadRequestException"), answer
+        assert (status, answer.get("type")) in {(400, "BadRequestException"), (0, None)}, answer
         return
     assert_answer(case, status, answer)
 
