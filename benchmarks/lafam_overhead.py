@@ -5,8 +5,10 @@ computed, upsampled to the input size and PNG-encoded; ``none`` → no map). The
 (ABAB...) so that drift of a noisy machine hits both alike, and the figure reported is the median of
 the per-pair ratios. That difference of two ~50 ms calls cannot resolve a few tenths of a percent on a noisy
 2-core machine, so the map's cost is also measured directly inside the same calls: the time spent in the
-service's explanation step (taking the map, upsampling it and PNG-encoding it for each request) as a
-share of the whole call, the median over the calls with the map ("direct" column). The map itself is computed
+service's explanation step (taking the map, upsampling it and PNG-encoding it, its drift statistics and its
+metrics, for each request) as a share of the whole call, the median over the calls with the map ("direct"
+column). The metrics are recorded as in a worker (prometheus-client's multiprocess files), and the drift
+statistics are on, as served by default. The map itself is computed
 by the runtime in the same pass (handlers.fused), for requests with and without the map alike: its cost is
 timed inside the pass (:func:`fused_share`, "in graph" column); LaFAM's overhead is the sum of the two ("total",
 the target's figure).
@@ -32,6 +34,7 @@ from PIL import Image
 
 from benchmarks._report import cpu_name, section, write_section
 from export.exporter import export_model
+from handlers import metrics
 from handlers.backends import load_backend, session_options
 from handlers.manifest import Manifest
 from handlers.service import LafamService, Request
@@ -91,48 +94,44 @@ def _paired(
 
 
 def timed_explanations(service: LafamService) -> list[float]:
-    """Time every call of the service's explanation step (map, upsampling, encoding) into the returned list."""
+    """Time every call of the service's explanation step into the returned list.
+
+    The step (``LafamService._explanation``) takes the map, upsamples and PNG-encodes it, records its drift
+    statistics and its metrics: everything a request with a map does that one without does not.
+    """
     spent: list[float] = []
-    explain = service._explain
+    explanation = service._explanation
 
     def timed(*args: object, **kwargs: object) -> object:
         start = time.perf_counter()
         try:
-            return explain(*args, **kwargs)  # type: ignore[arg-type]
+            return explanation(*args, **kwargs)  # type: ignore[arg-type]
         finally:
             spent.append(time.perf_counter() - start)
 
-    service._explain = timed  # type: ignore[method-assign]
+    service._explanation = timed  # type: ignore[method-assign]
     return spent
 
 
-def _answer(service: LafamService, requests: list[Request], drift: bool = True) -> None:
-    service.drift = drift
+def _answer(service: LafamService, requests: list[Request]) -> None:
     replies = service.predict(requests)
     if any(reply.status != 200 for reply in replies):
         raise RuntimeError(f"benchmark request failed: {replies[0].body}")
 
 
 def measure(service: LafamService, batch: int, pairs: int) -> dict[str, float]:
-    """Median seconds per batch with and without the map, and the median paired ratio."""
+    """Median seconds per batch with and without the map, the median paired ratio and the direct share."""
     with_map, without_map = _requests(batch, "png"), _requests(batch, "none")
-    # drift statistics off on both sides: LaFAM alone here, drift measured by measure_drift
     spent = timed_explanations(service)
     try:
         return _paired(
-            lambda: _answer(service, with_map, False),
-            lambda: _answer(service, without_map, False),
+            lambda: _answer(service, with_map),
+            lambda: _answer(service, without_map),
             pairs,
             explain_share=spent,
         )
     finally:
-        del service._explain  # the class's method again
-
-
-def measure_drift(service: LafamService, batch: int, pairs: int) -> dict[str, float]:
-    """Median seconds per batch (with the map) with and without the drift statistics, and the paired ratio."""
-    with_map = _requests(batch, "png")
-    return _paired(lambda: _answer(service, with_map, True), lambda: _answer(service, with_map, False), pairs)
+        del service._explanation  # the class's method again
 
 
 def fused_share(folder: Path, batch: int, runs: int) -> float:
@@ -222,6 +221,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        metrics.configure(Path(tmp) / "metrics", "off")  # recorded into multiprocess files, as in a worker
         folders = export_model(
             args.model, Path(tmp) / args.model, backends=("onnx", "torchscript"), num_classes=1000, log=lambda _: None
         )
@@ -229,14 +229,13 @@ def main() -> None:
             service = LafamService.from_folder(folder)
             for batch in (int(b) for b in args.batches.split(",")):
                 result = measure(service, batch, args.pairs)
-                drift = measure_drift(service, batch, args.pairs)
                 in_graph = fused_share(folder, batch, args.pairs)
                 reduce_ms = lafam_only(service, batch) * 1e3
                 total = result["direct"] + in_graph
                 rows.append(
                     f"| {backend} | {batch} | {result['without'] * 1e3:.1f} | {result['with'] * 1e3:.1f} | "
                     f"{result['direct'] * 100:.2f} % | {in_graph * 100:.2f} % | **{total * 100:.2f} %** | "
-                    f"{(result['ratio'] - 1) * 100:+.2f} % | {reduce_ms:.3f} | {(drift['ratio'] - 1) * 100:+.2f} % |"
+                    f"{(result['ratio'] - 1) * 100:+.2f} % | {reduce_ms:.3f} |"
                 )
                 print(rows[-1], flush=True)
     cpu = cpu_name()
@@ -251,12 +250,10 @@ def main() -> None:
         "function timed in the run); "
         "'total': direct + in graph, the overhead; 'paired': median per-pair ratio − 1 of whole calls with and "
         "without the map (noisy at this resolution); 'reduction' is the reference LaFAM reduction alone "
-        "(handlers.explain.lafam); "
-        "'drift' is the extra cost of the map statistics (handlers/drift.py, on by default), measured the same "
-        "way with the map on both sides; the overhead columns have them off.\n\n"
+        "(handlers.explain.lafam).\n\n"
         "| backend | batch | handler ms, no map | handler ms, with map | direct | in graph | total | paired | "
-        "reduction ms | drift |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "reduction ms |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     table = section(header + "\n".join(rows), RESULTS_MARKER)
     print(table)

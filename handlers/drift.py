@@ -12,17 +12,24 @@ for class methods) the positive evidence ``p = max(map, 0)``, normalised to sum 
 * **peak offset**: the distance of the strongest location from the map's centre, divided by the
   half-diagonal, in [0, 1] (a camera or crop change shifts it).
 
-They are computed at the map's native resolution (7×7 for LaFAM on ResNet-50: a few microseconds) and
-recorded as histograms per model and method (:mod:`handlers.metrics`). A map with no positive evidence
-records nothing.
+They are computed at the map's native resolution (7×7 for LaFAM on ResNet-50) and recorded as histograms
+per model and method (:mod:`handlers.metrics`). A map with no positive evidence records nothing. Maps of at
+most :data:`SMALL_MAP` locations, the usual LaFAM grids, are summed in plain Python floats
+(:func:`grid_statistics`): right after a forward pass every torch or numpy call runs from cold caches (about
+0.6 ms for the fifteen torch operations below, against 0.1 ms for the loop), and the float64 arithmetic is the
+same.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+SMALL_MAP = 256
+"""Largest ``h * w`` whose statistics :func:`map_statistics` computes in plain Python (:func:`grid_statistics`)."""
 
 
 class MapStatistics(NamedTuple):
@@ -41,6 +48,43 @@ def map_statistics(native: torch.Tensor) -> MapStatistics | None:
     """
     if native.dim() != 2:
         raise ValueError(f"map must be (h, w), got shape {tuple(native.shape)}")
+    h, w = native.shape
+    if h * w <= SMALL_MAP:
+        return grid_statistics(native.detach().double().flatten().tolist(), h, w)
+    return _tensor_statistics(native)
+
+
+def grid_statistics(values: Sequence[float], height: int, width: int) -> MapStatistics | None:
+    """:func:`map_statistics` of a map given as its ``height * width`` values, row-major, in Python floats."""
+    positive = values if min(values) >= 0.0 else [v if not v <= 0.0 else 0.0 for v in values]  # NaN kept
+    total = sum(positive)
+    if not total > 0 or not math.isfinite(total):  # also NaN anywhere
+        return None
+    count = height * width
+    # Σ p log p with p = v / total is Σ v log v / total - log total
+    entropy = (
+        (math.log(total) - sum(v * math.log(v) for v in positive if v > 0.0) / total) / math.log(count)
+        if count > 1
+        else 0.0
+    )
+    ring = max(1, min(height, width) // 8)
+    inner = 0.0
+    if height > 2 * ring and width > 2 * ring:
+        inner = sum(sum(positive[row * width + ring : (row + 1) * width - ring]) for row in range(ring, height - ring))
+        inner /= total
+    peak = positive.index(max(positive))  # the first of equal maxima, as torch.argmax
+    return _statistics(entropy, inner, divmod(peak, width), height, width)
+
+
+def _statistics(entropy: float, inner: float, peak: tuple[int, int], h: int, w: int) -> MapStatistics:
+    row, column = peak
+    half_diagonal = math.hypot((h - 1) / 2, (w - 1) / 2)
+    offset = math.hypot(row - (h - 1) / 2, column - (w - 1) / 2) / half_diagonal if half_diagonal > 0 else 0.0
+    return MapStatistics(min(max(entropy, 0.0), 1.0), float(1.0 - inner), offset)
+
+
+def _tensor_statistics(native: torch.Tensor) -> MapStatistics | None:
+    """:func:`grid_statistics` in torch, for maps larger than :data:`SMALL_MAP`."""
     positive = native.detach().double().clamp_min(0)
     total = float(positive.sum())
     if not total > 0 or not math.isfinite(total):
@@ -50,9 +94,5 @@ def map_statistics(native: torch.Tensor) -> MapStatistics | None:
     nonzero = p[p > 0]
     entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(h * w) if h * w > 1 else 0.0
     ring = max(1, min(h, w) // 8)
-    inner = p[ring : h - ring, ring : w - ring].sum() if h > 2 * ring and w > 2 * ring else p.new_zeros(())
-    peak = int(torch.argmax(p))
-    row, column = divmod(peak, w)
-    half_diagonal = math.hypot((h - 1) / 2, (w - 1) / 2)
-    offset = math.hypot(row - (h - 1) / 2, column - (w - 1) / 2) / half_diagonal if half_diagonal > 0 else 0.0
-    return MapStatistics(min(max(entropy, 0.0), 1.0), float(1.0 - inner), offset)
+    inner = float(p[ring : h - ring, ring : w - ring].sum()) if h > 2 * ring and w > 2 * ring else 0.0
+    return _statistics(entropy, inner, divmod(int(torch.argmax(p)), w), h, w)

@@ -265,7 +265,10 @@ def explanation_json(
         upsample: interpolation used or to use.
         resized: ``(H, W)`` map, required for ``png``.
     """
-    header = explanation_header(method=method, layer=layer, fmt=fmt, native=native, size=size, upsample=upsample)
+    native_size = (int(native.shape[-2]), int(native.shape[-1]))
+    header = explanation_header(
+        method=method, layer=layer, fmt=fmt, native_size=native_size, size=size, upsample=upsample
+    )
     return {**header, **map_data(fmt, native, resized, signed=False)}
 
 
@@ -298,13 +301,16 @@ def encode_explanation(
         label: class index → label.
         probabilities: ``(C,)`` class probabilities, or ``None``.
     """
-    body = explanation_header(method=method, layer=result.layer, fmt=fmt, native=maps, size=size, upsample=upsample)
+    native_size = (int(maps.shape[-2]), int(maps.shape[-1]))
+    body = explanation_header(
+        method=method, layer=result.layer, fmt=fmt, native_size=native_size, size=size, upsample=upsample
+    )
     if result.signed:
         body["scale"] = "signed"
     images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
     if result.classes is None:
         if result.pixels is not None and fmt == "png" and images[0] is None:  # the runtime's grey levels
-            body.update(grey_data(result.pixels, (int(maps.shape[-2]), int(maps.shape[-1])), size))
+            body.update(grey_data(result.pixels, native_size, size))
         else:
             body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
     else:
@@ -324,15 +330,15 @@ def encode_explanation(
 
 
 def explanation_header(
-    *, method: str, layer: str | None, fmt: str, native: torch.Tensor, size: tuple[int, int], upsample: str
+    *, method: str, layer: str | None, fmt: str, native_size: tuple[int, int], size: tuple[int, int], upsample: str
 ) -> dict[str, Any]:
-    """The keys every ``explanation`` object has, whatever the method."""
+    """The keys every ``explanation`` object has, whatever the method (``native_size``: the map's ``(h, w)``)."""
     return {
         "method": method,
         "layer": layer,
         "format": fmt,
         "size": [int(size[0]), int(size[1])],
-        "native_size": [int(native.shape[-2]), int(native.shape[-1])],
+        "native_size": [int(native_size[0]), int(native_size[1])],
         "upsample": upsample,
     }
 

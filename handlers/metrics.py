@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.exposition import start_http_server
@@ -120,10 +121,24 @@ DECLARED: tuple[Histogram | Counter, ...] = (
 """Every metric above. None is in prometheus-client's default registry: :func:`registry` collects them."""
 
 
+_children: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
+"""``(id(metric), labels)`` → the metric's labelled child: prometheus-client's ``labels()`` validates and sorts
+the labels and takes a lock on every call, about half the cost of recording a value. Dropped by
+:func:`configure`, which replaces every child."""
+
+
+def _child(metric: Histogram | Counter, labels: dict[str, str]) -> Any:
+    key = (id(metric), tuple(labels.items()))
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(**labels)
+    return child
+
+
 def observe(histogram: Histogram, seconds: float, **labels: str) -> None:
     """Record one value into a histogram; never raises."""
     try:
-        histogram.labels(**labels).observe(seconds)
+        _child(histogram, labels).observe(seconds)
     except Exception:  # a metrics failure must not fail the request
         logger.exception("could not record %s", histogram)
 
@@ -131,7 +146,7 @@ def observe(histogram: Histogram, seconds: float, **labels: str) -> None:
 def count(counter: Counter, amount: float = 1.0, **labels: str) -> None:
     """Increment a counter; never raises."""
     try:
-        counter.labels(**labels).inc(amount)
+        _child(counter, labels).inc(amount)
     except Exception:
         logger.exception("could not record %s", counter)
 
@@ -250,6 +265,7 @@ def configure(directory: str | os.PathLike[str] | None = None, address: str | No
             warnings.filterwarnings("ignore", "Clearing labels", UserWarning)
             for metric in DECLARED:
                 metric.clear()  # label children made so far hold in-memory values; new ones map the files
+            _children.clear()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
         if values.ValueClass is values.MutexValue:
             values.ValueClass = values.MultiProcessValue()

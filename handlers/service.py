@@ -14,19 +14,19 @@ import binascii
 import http
 import logging
 import time
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from . import metrics
 from .backends import Backend, load_backend
-from .drift import map_statistics
+from .drift import grid_statistics, map_statistics
 from .eager import load_eager
-from .encode import encode_explanation, predictions_json, to_pixels
+from .encode import encode_explanation, explanation_header, grey_data, predictions_json, to_pixels
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
 from .explain.lafam import lafam, resize_maps
 from .fused import agrees
@@ -44,10 +44,12 @@ from .methods import (
     choose_classes,
     registry,
 )
+from .methods.lafam import LaFAM
 from .options import MAX_MAP_SIDE, RequestOptions, parse_options
 from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
@@ -95,6 +97,46 @@ class _Prepared:
     index: int
     image: DecodedImage
     options: RequestOptions
+
+
+@dataclass
+class _BatchOutputs:
+    """What one forward pass gives every image of its batch.
+
+    Attributes:
+        activations: ``(N, C, h, w)`` per exported layer name.
+        maps: the runtime's fused LaFAM maps and grey levels, ``(N, 1, h, w)`` each, per layer name.
+        seen: the ``(H, W)`` the batch ran at.
+        memo: work shared by the batch's images (:meth:`once`, and the methods' :meth:`Inputs.once`).
+    """
+
+    activations: dict[str, torch.Tensor]
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    seen: tuple[int, int]
+    memo: dict[Hashable, Any] = field(default_factory=dict)
+
+    def once(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()`` once per batch and ``key``."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+
+def _fused_rows(
+    maps: torch.Tensor, pixels: torch.Tensor, drift: bool
+) -> tuple[bytes, list[list[float]] | None, tuple[int, int]]:
+    """A batch's fused grey levels as bytes, its maps' values per image, and their ``(h, w)``.
+
+    The bytes are row-major, image after image; the values (Python floats, for the drift statistics) are
+    ``None`` when ``drift`` is off.
+    """
+    native = (int(maps.shape[-2]), int(maps.shape[-1]))
+    area = native[0] * native[1]
+    values = None
+    if drift:  # one conversion for the batch: every torch call costs several times its warm time here
+        flat = maps.detach().cpu().numpy().ravel().tolist()
+        values = [flat[start : start + area] for start in range(0, len(flat), area)]
+    return pixels.cpu().numpy().tobytes(), values, native
 
 
 def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | None]:
@@ -365,9 +407,11 @@ class LafamService:
         main = outputs[manifest.main_output]
         probabilities = torch.softmax(main.float(), dim=1) if manifest.task == "classification" else None
 
-        activations = {layer.name: outputs[layer.output] for layer in manifest.layers}
-        fused_maps = {layer: (outputs[names.map], outputs[names.pixels]) for layer, names in self._fused.items()}
-        memo: dict[Hashable, Any] = {}  # work the methods share across this batch (Inputs.once)
+        batch_outputs = _BatchOutputs(
+            activations={layer.name: outputs[layer.output] for layer in manifest.layers},
+            maps={layer: (outputs[names.map], outputs[names.pixels]) for layer, names in self._fused.items()},
+            seen=seen,
+        )
         replies = []
         for row, item in enumerate(prepared):
             body: dict[str, Any] = {"model": manifest.name, "input_size": list(seen)}
@@ -377,29 +421,62 @@ class LafamService:
             else:
                 body["embedding"] = main[row].detach().float().cpu().tolist()
             body["explanation"] = None
-            method = item.options.method
-            start = time.perf_counter()
             try:
                 if item.options.format != "none":
-                    inputs = Inputs(
-                        item.image.tensor,
-                        item.options,
-                        row_probabilities,
-                        batch_activations=activations,
-                        batch_maps=fused_maps,
-                        row=row,
-                        engines=self.engines,
-                        memo=memo,
-                    )
-                    body["explanation"] = self._explain(inputs, item.image.original_size)
+                    body["explanation"] = self._explanation(item, row, row_probabilities, batch_outputs)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 replies.append(self.failure(exc))
                 continue
-            if body["explanation"] is not None:
-                metrics.observe(metrics.EXPLANATION_SECONDS, time.perf_counter() - start, method=method, **self._labels)
-                metrics.count(metrics.EXPLANATIONS, method=method, **self._labels)
             replies.append(Reply(200, body))
         return replies
+
+    def _explanation(
+        self, item: _Prepared, row: int, probabilities: torch.Tensor | None, batch: _BatchOutputs
+    ) -> dict[str, Any]:
+        """One image's ``explanation`` object (with its drift statistics), timed and counted."""
+        start = time.perf_counter()
+        options = item.options
+        explanation = self._fused_png(options, row, batch, item.image.original_size)
+        if explanation is None:
+            inputs = Inputs(
+                item.image.tensor,
+                options,
+                probabilities,
+                batch_activations=batch.activations,
+                batch_maps=batch.maps,
+                row=row,
+                engines=self.engines,
+                memo=batch.memo,
+            )
+            explanation = self._explain(inputs, item.image.original_size)
+        metrics.observe(metrics.EXPLANATION_SECONDS, time.perf_counter() - start, method=options.method, **self._labels)
+        metrics.count(metrics.EXPLANATIONS, method=options.method, **self._labels)
+        return explanation
+
+    def _fused_png(
+        self, options: RequestOptions, row: int, batch: _BatchOutputs, original_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The LaFAM PNG straight from the grey levels the runtime computed, or ``None`` when not asked for that.
+
+        The served default (LaFAM, PNG, nearest) on a layer whose map the runtime fused: the same object as
+        :meth:`_explain` gives, without building torch views of the map. Right after the forward pass every
+        torch call costs several times its warm time, and this path takes a few byte slices per image
+        instead (``benchmarks.lafam_overhead``).
+        """
+        if options.method != LaFAM.name or options.format != "png" or options.upsample != "nearest":
+            return None
+        fused = batch.maps.get(options.layer)
+        if fused is None:
+            return None
+        grey, values, native = batch.once(("fused png", options.layer), lambda: _fused_rows(*fused, self.drift))
+        if values is not None:
+            self._record_drift(None, options.method, (values[row], *native))
+        area = native[0] * native[1]
+        size = self._size(options, original_size, batch.seen)
+        header = explanation_header(
+            method=options.method, layer=options.layer, fmt="png", native_size=native, size=size, upsample="nearest"
+        )
+        return {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
 
     @staticmethod
     def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
@@ -459,12 +536,17 @@ class LafamService:
             probabilities=probabilities,
         )
 
-    def _record_drift(self, native: torch.Tensor, method: str) -> None:
-        """Record the map's drift statistics (never fails the request, like every metric)."""
+    def _record_drift(
+        self, native: torch.Tensor | None, method: str, grid: tuple[Sequence[float], int, int] | None = None
+    ) -> None:
+        """Record a map's drift statistics (never fails the request, like every metric).
+
+        The map is ``native`` ``(h, w)``, or ``grid``: its values row-major in Python floats, ``h`` and ``w``.
+        """
         if not self.drift:
             return
         try:
-            statistics = map_statistics(native)
+            statistics = map_statistics(native) if grid is None else grid_statistics(*grid)
         except Exception:
             logger.exception("drift statistics failed")
             return

@@ -190,3 +190,18 @@ def test_lafam_overhead_times_the_fused_outputs_inside_the_pass(tmp_path: Path, 
     write_export(tmp_path, backend=backend)
     share = fused_share(tmp_path, batch=2, runs=3)
     assert 0 < share < 1  # some time, and less than the whole pass
+
+
+def test_lafam_overhead_times_the_explanation_step_of_requests_with_a_map(tmp_path: Path) -> None:
+    """'direct' is the share of the explanation step (map, PNG, drift, metrics), timed on the served path."""
+    from benchmarks.lafam_overhead import measure
+    from handlers.service import LafamService
+    from tests.unit.conftest import write_export
+
+    write_export(tmp_path, backend="onnx")
+    service = LafamService.from_folder(tmp_path)
+    result = measure(service, batch=2, pairs=2)
+    assert 0 < result["direct"] < 1
+    assert result["with"] > 0
+    assert result["without"] > 0
+    assert "_explanation" not in vars(service)  # the class's method again

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handlers import service
-from handlers.drift import map_statistics
+from handlers.drift import SMALL_MAP, _tensor_statistics, grid_statistics, map_statistics
 from tests.unit.test_handler import png_item, serve
 from tests.unit.test_metrics import sample
 
@@ -70,10 +70,11 @@ def test_the_service_records_every_served_map(tiny_export: Path) -> None:
 def test_failing_drift_statistics_never_fail_the_request(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(native: torch.Tensor) -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("drift broke")
 
-    monkeypatch.setattr(service, "map_statistics", broken)
+    monkeypatch.setattr(service, "map_statistics", broken)  # the general path (a tensor)
+    monkeypatch.setattr(service, "grid_statistics", broken)  # the runtime's fused map (its values)
     model = "tiny-classification"
     before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
     with caplog.at_level(logging.ERROR, logger="handlers.service"):
@@ -91,3 +92,29 @@ def test_drift_can_be_switched_off_per_deployment(tiny_export: Path) -> None:
     assert sample("lafam_map_entropy_ratio_count", model=model, method="lafam") == before
     with pytest.raises(ValueError, match="drift"):
         serve(tiny_export, [png_item()], model_yaml_config={"lafam": {"drift": "yes"}})
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 4), (7, 7), (14, 14), (16, 16), (9, 20)])
+def test_python_and_torch_statistics_agree(shape: tuple[int, int]) -> None:
+    """Maps up to SMALL_MAP locations are summed in Python floats; larger ones in torch: the same figures."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    for trial in range(5):
+        native = torch.randn(*shape, generator=generator)
+        if trial == 1:
+            native = native.clamp_min(0)  # ties at zero
+        if trial == 2:
+            native = torch.ones(*shape)  # ties everywhere: the first location is the peak
+        expected = _tensor_statistics(native)
+        values = native.double().flatten().tolist()
+        got = grid_statistics(values, *shape)
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert got == pytest.approx(expected, abs=1e-12)
+            assert got.peak_offset == expected.peak_offset
+        assert map_statistics(native) == got if shape[0] * shape[1] <= SMALL_MAP else expected
+
+
+def test_python_statistics_refuse_non_finite_totals() -> None:
+    assert grid_statistics([1.0, float("inf")], 1, 2) is None
+    assert grid_statistics([1.0, float("nan")], 1, 2) is None
+    assert grid_statistics([-float("inf"), 1.0], 1, 2) == grid_statistics([0.0, 1.0], 1, 2)

@@ -160,3 +160,41 @@ def test_lafam_method_serves_the_fused_map_and_its_grey_levels(tmp_path: Path) -
     without = method.explain(Inputs(torch.zeros(3, 8, 8), options, batch_activations={options.layer: values}))
     torch.testing.assert_close(without.maps, lafam(values)[:1])  # the reference when the runtime fused nothing
     assert without.pixels is None
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_fused_png_path_gives_the_general_paths_answer(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served default (LaFAM, PNG, nearest) straight from the runtime's grey levels equals what the method
+    registry and the encoder give for the same batch: every size option, every row, and the same drift values."""
+    write_export(tmp_path, backend=backend)
+    service = LafamService.from_folder(tmp_path)
+    headers = [{}, {"x-lafam-size": "original"}, {"x-lafam-size": "33x45"}, {"x-lafam-size": "input"}]
+    requests = [
+        Request(parameters={"body": image_bytes(size=(40 + 17 * i, 30 + 9 * i))}, headers=h, content_types={})
+        for i, h in enumerate(headers)
+    ]
+    recorded: list[tuple[str, float]] = []
+    monkeypatch.setattr(service_module.metrics, "observe", lambda metric, value, **_: recorded.append((metric, value)))
+    taken: list[dict] = []
+    fast = service._fused_png
+    monkeypatch.setattr(service, "_fused_png", lambda *args: taken.append(fast(*args)) or taken[-1])
+    direct = service.predict(requests)
+    assert len(taken) == len(requests)  # every request took the fused path
+    assert all(taken)
+    drift = (
+        service_module.metrics.MAP_ENTROPY,
+        service_module.metrics.MAP_BORDER,
+        service_module.metrics.MAP_PEAK_OFFSET,
+    )
+    fused_drift = [(m, v) for m, v in recorded if m in drift]
+    recorded.clear()
+    monkeypatch.setattr(service, "_fused_png", lambda *args: None)
+    general = service.predict(requests)
+    general_drift = [(m, v) for m, v in recorded if m in drift]
+    assert [r.status for r in direct + general] == [200] * 8
+    assert [r.body for r in direct] == [r.body for r in general]
+    assert len(fused_drift) == 3 * len(requests)
+    assert [m for m, _ in fused_drift] == [m for m, _ in general_drift]
+    np.testing.assert_allclose([v for _, v in fused_drift], [v for _, v in general_drift], atol=1e-12)
