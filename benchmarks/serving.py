@@ -822,7 +822,8 @@ def render(
         "batch size). Measured in the benchmark process before "
         "TorchServe starts (no server, no load generator; a busy 'other' below means something else shared the "
         "cores). It is only reachable "
-        f"with full batches ({args.users} users for batchSize {BATCH_SIZE}). CPU columns: CPU seconds "
+        f"with full batches ({args.users} users for batchSize {BATCH_SIZE}: with 1.5 batches per worker a worker "
+        "that finishes finds its next full batch waiting). CPU columns: CPU seconds "
         "(user + system) used during the load window, as a "
         f"share of the machine's capacity over it (window wall seconds × {cpus} CPUs; 100 % = every core busy), "
         f"sampled with psutil every {SAMPLE_SECONDS} s between the first sample after the first request's start "
@@ -872,7 +873,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--duration", type=int, default=30, help="seconds of load per model")
     parser.add_argument(
-        "--users", type=int, help="concurrent locust users (default: workers x batch size, a full batch per worker)"
+        "--users",
+        type=int,
+        help="concurrent locust users (default: 1.5 x workers x batch size, a full batch waiting for each worker)",
     )
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the library-level backend comparison")
     parser.add_argument("--workers", type=int, default=WORKERS, help="workers per model (every archive)")
@@ -882,8 +885,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.duration, args.users, args.rounds = "shapes", 5, 2, 5
-    if args.users is None:
-        args.users = args.workers * BATCH_SIZE
+    if args.users is None:  # a worker that finishes finds its next full batch queued, not in flight
+        args.users = args.workers * BATCH_SIZE * 3 // 2
     if min(args.duration, args.users, args.rounds, args.workers, args.threads) < 1:
         parser.error("--duration, --users, --rounds, --workers and --threads must be positive")
     return args
