@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,57 @@ def count(counter: Counter, amount: float = 1.0, **labels: str) -> None:
         logger.exception("could not record %s", counter)
 
 
+class _Later:
+    """One background thread per process that runs what :func:`later` hands it, in order."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def hand(self, function: Callable[..., object], args: tuple[object, ...]) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="lafam-metrics-writer", daemon=True)
+                    self._thread.start()
+        self._queue.put((function, args))
+
+    def _run(self) -> None:
+        while True:
+            function, args = self._queue.get()
+            try:
+                function(*args)
+            except Exception:  # recording never fails anything
+                logger.exception("deferred metrics recording failed")
+
+    def settle(self, timeout: float) -> bool:
+        if self._thread is None:
+            return True
+        reached = threading.Event()
+        self.hand(reached.set, ())  # first in, first out: when it runs, everything handed before it has run
+        return reached.wait(timeout)
+
+
+_later = _Later()
+
+
+def later(function: Callable[..., object], *args: object) -> None:
+    """Run ``function(*args)`` on this process's metrics thread, after the current request has its answer.
+
+    For recording that a client need not wait for (the explanation's metrics and drift statistics): handing
+    it over costs a queue put, where writing a histogram into the multiprocess files right after a forward
+    pass costs several cold-cache microseconds per value. The thread starts on first use; what it has not run
+    when the process exits is lost (a few values); an exception is logged, never raised.
+    """
+    _later.hand(function, args)
+
+
+def settle(timeout: float = 10.0) -> bool:
+    """Wait until everything handed to :func:`later` so far has run; ``False`` if ``timeout`` passed first."""
+    return _later.settle(timeout)
+
+
 @contextmanager
 def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
     """Time the ``with`` block into ``histogram`` (recorded even when the block raises)."""
@@ -173,7 +225,8 @@ def registry() -> CollectorRegistry:
 
 
 def render() -> bytes:
-    """Return the Prometheus text exposition of :func:`registry`."""
+    """Return the Prometheus text exposition of :func:`registry`, once what :func:`later` holds is recorded."""
+    settle()
     return generate_latest(registry())
 
 

@@ -50,6 +50,8 @@ from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+DriftMap = tuple[list[float], int, int] | None
+"""A map handed to the drift statistics as its values (row-major, Python floats), ``h`` and ``w``; or ``None``."""
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
@@ -433,11 +435,16 @@ class LafamService:
     def _explanation(
         self, item: _Prepared, row: int, probabilities: torch.Tensor | None, batch: _BatchOutputs
     ) -> dict[str, Any]:
-        """One image's ``explanation`` object (with its drift statistics), timed and counted."""
+        """One image's ``explanation`` object; its metrics and drift statistics are recorded after the answer.
+
+        The time recorded is the explanation's alone. The recording itself (histograms written into the
+        multiprocess files, the drift statistics) runs on the metrics thread (:func:`metrics.later`): right
+        after a forward pass each value written costs several cold-cache microseconds the client need not wait for.
+        """
         start = time.perf_counter()
         options = item.options
-        explanation = self._fused_png(options, row, batch, item.image.original_size)
-        if explanation is None:
+        answer = self._fused_png(options, row, batch, item.image.original_size)
+        if answer is None:
             inputs = Inputs(
                 item.image.tensor,
                 options,
@@ -448,20 +455,21 @@ class LafamService:
                 engines=self.engines,
                 memo=batch.memo,
             )
-            explanation = self._explain(inputs, item.image.original_size)
-        metrics.observe(metrics.EXPLANATION_SECONDS, time.perf_counter() - start, method=options.method, **self._labels)
-        metrics.count(metrics.EXPLANATIONS, method=options.method, **self._labels)
+            answer = self._explain(inputs, item.image.original_size)
+        explanation, drift_map = answer
+        metrics.later(self._record, options.method, time.perf_counter() - start, drift_map if self.drift else None)
         return explanation
 
     def _fused_png(
         self, options: RequestOptions, row: int, batch: _BatchOutputs, original_size: tuple[int, int]
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any], DriftMap] | None:
         """The LaFAM PNG straight from the grey levels the runtime computed, or ``None`` when not asked for that.
 
         The served default (LaFAM, PNG, nearest) on a layer whose map the runtime fused: the same object as
         :meth:`_explain` gives, without building torch views of the map. Right after the forward pass every
         torch call costs several times its warm time, and this path takes a few byte slices per image
-        instead (``benchmarks.lafam_overhead``).
+        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics: its values in
+        Python floats, ``h`` and ``w`` (``None`` with the statistics off).
         """
         if options.method != LaFAM.name or options.format != "png" or options.upsample != "nearest":
             return None
@@ -469,14 +477,13 @@ class LafamService:
         if fused is None:
             return None
         grey, values, native = batch.once(("fused png", options.layer), lambda: _fused_rows(*fused, self.drift))
-        if values is not None:
-            self._record_drift(None, options.method, (values[row], *native))
         area = native[0] * native[1]
         size = self._size(options, original_size, batch.seen)
         header = explanation_header(
             method=options.method, layer=options.layer, fmt="png", native_size=native, size=size, upsample="nearest"
         )
-        return {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
+        explanation = {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
+        return explanation, (None if values is None else (values[row], *native))
 
     @staticmethod
     def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
@@ -488,8 +495,12 @@ class LafamService:
             return max(1, round(height * scale)), max(1, round(width * scale))
         return options.size
 
-    def _explain(self, inputs: Inputs, original_size: tuple[int, int]) -> dict[str, Any]:
-        """Run the requested method on one image and encode its map(s) (see ``encode``)."""
+    def _explain(self, inputs: Inputs, original_size: tuple[int, int]) -> tuple[dict[str, Any], torch.Tensor]:
+        """Run the requested method on one image and encode its map(s) (see ``encode``).
+
+        Returns:
+            The ``explanation`` object, and its first map ``(h, w)`` (float32, CPU) for the drift statistics.
+        """
         options = inputs.options
         method = registry.get(options.method)
         backward = method.endpoint is Endpoint.BACKWARD
@@ -515,16 +526,15 @@ class LafamService:
         original_size: tuple[int, int],
         seen: tuple[int, int],
         probabilities: torch.Tensor | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], torch.Tensor]:
         maps = result.maps
         if maps.requires_grad or maps.dtype is not torch.float32 or maps.device.type != "cpu":
             maps = maps.detach().float().cpu()
-        self._record_drift(maps[0], options.method)
         size = self._size(options, original_size, seen)
         # nearest (the default) is upsampled on the 8-bit pixels while encoding; bilinear needs the float maps
         bilinear = options.format == "png" and options.upsample != "nearest"
         resized = resize_maps(maps, size, options.upsample) if bilinear else None
-        return encode_explanation(
+        explanation = encode_explanation(
             result,
             maps=maps,
             method=options.method,
@@ -535,23 +545,25 @@ class LafamService:
             label=self.manifest.label,
             probabilities=probabilities,
         )
+        return explanation, maps[0]
 
-    def _record_drift(
-        self, native: torch.Tensor | None, method: str, grid: tuple[Sequence[float], int, int] | None = None
-    ) -> None:
-        """Record a map's drift statistics (never fails the request, like every metric).
+    def _record(self, method: str, seconds: float, drift_map: DriftMap | torch.Tensor) -> None:
+        """Record one served explanation: its time, its count, its map's drift statistics (the metrics thread).
 
-        The map is ``native`` ``(h, w)``, or ``grid``: its values row-major in Python floats, ``h`` and ``w``.
+        ``drift_map``: ``(h, w)`` tensor, or the map's values row-major in Python floats with ``h`` and ``w``, or
+        ``None`` (statistics off). Never raises: a failure is logged.
         """
-        if not self.drift:
+        labels = {"method": method, **self._labels}
+        metrics.observe(metrics.EXPLANATION_SECONDS, seconds, **labels)
+        metrics.count(metrics.EXPLANATIONS, **labels)
+        if drift_map is None:
             return
         try:
-            statistics = map_statistics(native) if grid is None else grid_statistics(*grid)
+            statistics = grid_statistics(*drift_map) if isinstance(drift_map, tuple) else map_statistics(drift_map)
         except Exception:
             logger.exception("drift statistics failed")
             return
         if statistics is not None:
-            labels = {"method": method, **self._labels}
             metrics.observe(metrics.MAP_ENTROPY, statistics.entropy, **labels)
             metrics.observe(metrics.MAP_BORDER, statistics.border_share, **labels)
             metrics.observe(metrics.MAP_PEAK_OFFSET, statistics.peak_offset, **labels)

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -295,12 +296,20 @@ def test_explanation_metrics_on_one_scrape_target(server: TorchServe, samples: l
     predict(server, "shapes-ts", samples[0]["path"].read_bytes())
     predict(server, "shapes", b"junk")
     explain(server, "shapes", samples[0]["path"].read_bytes(), **{"X-LaFAM-Method": "gradcam"})
-    with urllib.request.urlopen(server.url("lafam_metrics") + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    families = {family.name: family for family in text_string_to_metric_families(text)}
-    histogram = families["lafam_explanation_seconds"]
+    wanted = {("shapes", "lafam"), ("shapes-ts", "lafam"), ("shapes", "gradcam")}
+    deadline = time.monotonic() + 30  # a worker records an explanation's metrics just after answering it
+    while True:
+        with urllib.request.urlopen(server.url("lafam_metrics") + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        histogram = families["lafam_explanation_seconds"]
+        counts = {
+            (s.labels["model"], s.labels["method"]): s.value for s in histogram.samples if s.name.endswith("_count")
+        }
+        if wanted <= set(counts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert histogram.type == "histogram"
-    counts = {(s.labels["model"], s.labels["method"]): s.value for s in histogram.samples if s.name.endswith("_count")}
     assert counts[("shapes", "lafam")] >= 1
     assert counts[("shapes-ts", "lafam")] >= 1  # both models' workers, one endpoint
     assert counts[("shapes", "gradcam")] >= 1  # each method in the same histogram

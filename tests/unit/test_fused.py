@@ -181,6 +181,7 @@ def test_fused_png_path_gives_the_general_paths_answer(
     fast = service._fused_png
     monkeypatch.setattr(service, "_fused_png", lambda *args: taken.append(fast(*args)) or taken[-1])
     direct = service.predict(requests)
+    assert service_module.metrics.settle()  # the drift statistics are recorded on the metrics thread
     assert len(taken) == len(requests)  # every request took the fused path
     assert all(taken)
     drift = (
@@ -192,6 +193,7 @@ def test_fused_png_path_gives_the_general_paths_answer(
     recorded.clear()
     monkeypatch.setattr(service, "_fused_png", lambda *args: None)
     general = service.predict(requests)
+    assert service_module.metrics.settle()
     general_drift = [(m, v) for m, v in recorded if m in drift]
     assert [r.status for r in direct + general] == [200] * 8
     assert [r.body for r in direct] == [r.body for r in general]

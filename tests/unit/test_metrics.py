@@ -414,3 +414,31 @@ def test_start_exporter_off_and_from_the_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("LAFAM_METRICS_ADDRESS", "nonsense")
     with pytest.raises(ValueError, match="LAFAM_METRICS_ADDRESS must be host:port"):
         metrics.start_exporter()
+
+
+def test_later_runs_in_order_on_one_thread_and_settle_waits_for_it(caplog: pytest.LogCaptureFixture) -> None:
+    """What a request hands to metrics.later runs after it, in order, off the caller's thread; failures are logged."""
+    ran: list[tuple[int, str]] = []
+    release = threading.Event()
+    metrics.later(release.wait, 10)  # hold the thread: nothing below may run on the caller's
+    for index in range(50):
+        metrics.later(lambda i: ran.append((i, threading.current_thread().name)), index)
+
+    def broken() -> None:
+        raise RuntimeError("recording broke")
+
+    with caplog.at_level(logging.ERROR, logger="handlers.metrics"):
+        metrics.later(broken)
+        metrics.later(ran.append, (50, "after the failure"))
+        assert ran == []  # the caller did not wait
+        release.set()
+        assert metrics.settle()
+    assert [index for index, _ in ran] == list(range(51))
+    assert {name for _, name in ran[:50]} == {"lafam-metrics-writer"}
+    assert any(record.getMessage() == "deferred metrics recording failed" for record in caplog.records)
+
+
+def test_render_shows_what_was_handed_to_later() -> None:
+    model = unique_model()
+    metrics.later(lambda: metrics.count(metrics.EXPLANATIONS, model=model, method="lafam"))
+    assert sample("lafam_explanations_total", model=model, method="lafam") == 1.0
