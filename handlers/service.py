@@ -24,7 +24,7 @@ import torch
 
 from . import metrics
 from .backends import Backend, load_backend
-from .drift import grid_statistics, map_statistics
+from .drift import map_statistics
 from .eager import load_eager
 from .encode import encode_explanation, explanation_header, grey_data, predictions_json, to_pixels
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
@@ -50,8 +50,9 @@ from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-DriftMap = tuple[list[float], int, int] | None
-"""A map handed to the drift statistics as its values (row-major, Python floats), ``h`` and ``w``; or ``None``."""
+DriftMap = torch.Tensor | tuple[torch.Tensor, int] | None
+"""The map of the drift statistics: ``(h, w)``, or a batch's fused maps ``(N, 1, h, w)`` and the image's row, or
+``None`` (statistics off)."""
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
@@ -124,21 +125,9 @@ class _BatchOutputs:
         return self.memo[key]
 
 
-def _fused_rows(
-    maps: torch.Tensor, pixels: torch.Tensor, drift: bool
-) -> tuple[bytes, list[list[float]] | None, tuple[int, int]]:
-    """A batch's fused grey levels as bytes, its maps' values per image, and their ``(h, w)``.
-
-    The bytes are row-major, image after image; the values (Python floats, for the drift statistics) are
-    ``None`` when ``drift`` is off.
-    """
-    native = (int(maps.shape[-2]), int(maps.shape[-1]))
-    area = native[0] * native[1]
-    values = None
-    if drift:  # one conversion for the batch: every torch call costs several times its warm time here
-        flat = maps.detach().cpu().numpy().ravel().tolist()
-        values = [flat[start : start + area] for start in range(0, len(flat), area)]
-    return pixels.cpu().numpy().tobytes(), values, native
+def _fused_rows(pixels: torch.Tensor) -> tuple[bytes, tuple[int, int]]:
+    """A batch's fused grey levels ``(N, 1, h, w)`` as bytes (row-major, image after image), and ``(h, w)``."""
+    return pixels.cpu().numpy().tobytes(), (int(pixels.shape[-2]), int(pixels.shape[-1]))
 
 
 def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | None]:
@@ -468,22 +457,22 @@ class LafamService:
         The served default (LaFAM, PNG, nearest) on a layer whose map the runtime fused: the same object as
         :meth:`_explain` gives, without building torch views of the map. Right after the forward pass every
         torch call costs several times its warm time, and this path takes a few byte slices per image
-        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics: its values in
-        Python floats, ``h`` and ``w`` (``None`` with the statistics off).
+        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics: the batch's fused
+        maps and the row, read on the metrics thread.
         """
         if options.method != LaFAM.name or options.format != "png" or options.upsample != "nearest":
             return None
         fused = batch.maps.get(options.layer)
         if fused is None:
             return None
-        grey, values, native = batch.once(("fused png", options.layer), lambda: _fused_rows(*fused, self.drift))
+        grey, native = batch.once(("fused png", options.layer), lambda: _fused_rows(fused[1]))
         area = native[0] * native[1]
         size = self._size(options, original_size, batch.seen)
         header = explanation_header(
             method=options.method, layer=options.layer, fmt="png", native_size=native, size=size, upsample="nearest"
         )
         explanation = {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
-        return explanation, (None if values is None else (values[row], *native))
+        return explanation, (fused[0], row)
 
     @staticmethod
     def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
@@ -547,11 +536,10 @@ class LafamService:
         )
         return explanation, maps[0]
 
-    def _record(self, method: str, seconds: float, drift_map: DriftMap | torch.Tensor) -> None:
+    def _record(self, method: str, seconds: float, drift_map: DriftMap) -> None:
         """Record one served explanation: its time, its count, its map's drift statistics (the metrics thread).
 
-        ``drift_map``: ``(h, w)`` tensor, or the map's values row-major in Python floats with ``h`` and ``w``, or
-        ``None`` (statistics off). Never raises: a failure is logged.
+        ``drift_map``: see :data:`DriftMap`. Never raises: a failure is logged.
         """
         labels = {"method": method, **self._labels}
         metrics.observe(metrics.EXPLANATION_SECONDS, seconds, **labels)
@@ -559,7 +547,10 @@ class LafamService:
         if drift_map is None:
             return
         try:
-            statistics = grid_statistics(*drift_map) if isinstance(drift_map, tuple) else map_statistics(drift_map)
+            if isinstance(drift_map, tuple):  # a batch's fused maps (N, 1, h, w), indexed here, off the request
+                maps, row = drift_map
+                drift_map = maps[row, 0]
+            statistics = map_statistics(drift_map)
         except Exception:
             logger.exception("drift statistics failed")
             return

@@ -73,8 +73,7 @@ def test_failing_drift_statistics_never_fail_the_request(
     def broken(*args: object) -> None:
         raise RuntimeError("drift broke")
 
-    monkeypatch.setattr(service, "map_statistics", broken)  # the general path (a tensor)
-    monkeypatch.setattr(service, "grid_statistics", broken)  # the runtime's fused map (its values)
+    monkeypatch.setattr(service, "map_statistics", broken)
     model = "tiny-classification"
     before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
     with caplog.at_level(logging.ERROR, logger="handlers.service"):
