@@ -214,7 +214,11 @@ def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
 
 
 def registry() -> CollectorRegistry:
-    """Return a registry holding the sum of every worker's metrics (this process's alone before :func:`configure`)."""
+    """Return a registry holding the sum of every worker's metrics (this process's alone before :func:`configure`).
+
+    What :func:`later` holds so far is recorded first, so a read right after a request sees its explanation.
+    """
+    settle()
     collected = CollectorRegistry()
     if _configured:
         MultiProcessCollector(collected, path=str(_configured[0].directory))
@@ -225,8 +229,7 @@ def registry() -> CollectorRegistry:
 
 
 def render() -> bytes:
-    """Return the Prometheus text exposition of :func:`registry`, once what :func:`later` holds is recorded."""
-    settle()
+    """Return the Prometheus text exposition of :func:`registry`."""
     return generate_latest(registry())
 
 
