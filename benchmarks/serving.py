@@ -10,11 +10,11 @@ One TorchServe serves four archives of the same weights, built in a temporary fo
   with an ``index_to_name.json``; no map.
 - ``stock-torchscript``: the stock handler on a traced TorchScript file of the plain model.
 
-Every archive has the same model config (batch size, max batch delay, one worker). Each model is driven in
-turn by locust (headless, closed loop: ``--users`` clients each sending the next request as soon as the
-last is answered) for ``--duration`` seconds with the same JPEG images and the inference token. Latencies
-are recorded per request inside locust (end time and exact milliseconds, not locust's rounded
-percentiles); throughput is requests over the span from the first start to the last end.
+Every archive has the same model config (batch size, max batch delay, ``--workers`` workers of ``--threads``
+threads). Each model is driven in turn by locust (headless, closed loop: ``--users`` clients each sending the
+next request as soon as the last is answered) for ``--duration`` seconds with the same JPEG images and the
+inference token. Latencies are recorded per request inside locust (end time and exact milliseconds, not
+locust's rounded percentiles); throughput is requests over the span from the first start to the last end.
 
 Each served model is set beside its forward bound: the images per second of the runtime it runs on at
 ``BATCH_SIZE``, library level (below), the faster of one session on the runtime's default threads and
@@ -29,7 +29,7 @@ A second table compares the runtimes at library level: the same batch through ON
 (``handlers.backends.load_backend``, the graphs with their activation outputs) and the eager model under
 ``torch.no_grad()``, rotating the order each round, as medians of per-round ratios to eager.
 
-Run: ``python -m benchmarks.serving [--model resnet50|shapes] [--duration 30] [--users 8]
+Run: ``python -m benchmarks.serving [--model resnet50|shapes] [--duration 30] [--users 24]
 [--write benchmarks/RESULTS.md] [--quick]``. Needs the ``bench`` extra (locust) and Java.
 """
 
@@ -822,8 +822,9 @@ def render(
         "batch size). Measured in the benchmark process before "
         "TorchServe starts (no server, no load generator; a busy 'other' below means something else shared the "
         "cores). It is only reachable "
-        f"with full batches ({args.users} users for batchSize {BATCH_SIZE}: with 1.5 batches per worker a worker "
-        "that finishes finds its next full batch waiting). CPU columns: CPU seconds "
+        f"with full batches ({args.users} users for {args.workers} worker(s) × batchSize {BATCH_SIZE}: only with "
+        "more users than that product does a worker that finishes find its next full batch waiting). CPU columns: "
+        "CPU seconds "
         "(user + system) used during the load window, as a "
         f"share of the machine's capacity over it (window wall seconds × {cpus} CPUs; 100 % = every core busy), "
         f"sampled with psutil every {SAMPLE_SECONDS} s between the first sample after the first request's start "

@@ -14,10 +14,10 @@ import binascii
 import http
 import logging
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from .methods import (
     Need,
     capabilities,
     choose_classes,
+    once,
     registry,
 )
 from .methods.lafam import LaFAM
@@ -49,10 +50,10 @@ from .options import MAX_MAP_SIDE, RequestOptions, parse_options
 from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-DriftMap = torch.Tensor | tuple[torch.Tensor, int] | None
-"""The map of the drift statistics: ``(h, w)``, or a batch's fused maps ``(N, 1, h, w)`` and the image's row, or
-``None`` (statistics off)."""
+DriftMap = tuple[torch.Tensor, tuple[int, ...]] | None
+"""The map of the drift statistics as maps and the index of the ``(h, w)`` one (indexed on the metrics thread,
+not on the request's path): a method's ``(K, h, w)`` maps and ``(0,)``, or a batch's fused maps ``(N, 1, h, w)``
+and ``(row, 0)``; ``None`` with the statistics off."""
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
@@ -110,7 +111,7 @@ class _BatchOutputs:
         activations: ``(N, C, h, w)`` per exported layer name.
         maps: the runtime's fused LaFAM maps and grey levels, ``(N, 1, h, w)`` each, per layer name.
         seen: the ``(H, W)`` the batch ran at.
-        memo: work shared by the batch's images (:meth:`once`, and the methods' :meth:`Inputs.once`).
+        memo: work shared by the batch's images (:func:`~.methods.once`, as the methods' :meth:`Inputs.once`).
     """
 
     activations: dict[str, torch.Tensor]
@@ -118,14 +119,8 @@ class _BatchOutputs:
     seen: tuple[int, int]
     memo: dict[Hashable, Any] = field(default_factory=dict)
 
-    def once(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """``compute()`` once per batch and ``key``."""
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
 
-
-def _fused_rows(pixels: torch.Tensor) -> tuple[bytes, tuple[int, int]]:
+def _grey_bytes(pixels: torch.Tensor) -> tuple[bytes, tuple[int, int]]:
     """A batch's fused grey levels ``(N, 1, h, w)`` as bytes (row-major, image after image), and ``(h, w)``."""
     return pixels.cpu().numpy().tobytes(), (int(pixels.shape[-2]), int(pixels.shape[-1]))
 
@@ -457,22 +452,21 @@ class LafamService:
         The served default (LaFAM, PNG, nearest) on a layer whose map the runtime fused: the same object as
         :meth:`_explain` gives, without building torch views of the map. Right after the forward pass every
         torch call costs several times its warm time, and this path takes a few byte slices per image
-        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics: the batch's fused
-        maps and the row, read on the metrics thread.
+        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics (:data:`DriftMap`).
         """
         if options.method != LaFAM.name or options.format != "png" or options.upsample != "nearest":
             return None
         fused = batch.maps.get(options.layer)
         if fused is None:
             return None
-        grey, native = batch.once(("fused png", options.layer), lambda: _fused_rows(fused[1]))
+        grey, native = once(batch.memo, ("fused png", options.layer), lambda: _grey_bytes(fused[1]))
         area = native[0] * native[1]
         size = self._size(options, original_size, batch.seen)
         header = explanation_header(
             method=options.method, layer=options.layer, fmt="png", native_size=native, size=size, upsample="nearest"
         )
         explanation = {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
-        return explanation, (fused[0], row)
+        return explanation, (fused[0], (row, 0))
 
     @staticmethod
     def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
@@ -484,11 +478,11 @@ class LafamService:
             return max(1, round(height * scale)), max(1, round(width * scale))
         return options.size
 
-    def _explain(self, inputs: Inputs, original_size: tuple[int, int]) -> tuple[dict[str, Any], torch.Tensor]:
+    def _explain(self, inputs: Inputs, original_size: tuple[int, int]) -> tuple[dict[str, Any], DriftMap]:
         """Run the requested method on one image and encode its map(s) (see ``encode``).
 
         Returns:
-            The ``explanation`` object, and its first map ``(h, w)`` (float32, CPU) for the drift statistics.
+            The ``explanation`` object, and its first map for the drift statistics (:data:`DriftMap`).
         """
         options = inputs.options
         method = registry.get(options.method)
@@ -515,7 +509,7 @@ class LafamService:
         original_size: tuple[int, int],
         seen: tuple[int, int],
         probabilities: torch.Tensor | None,
-    ) -> tuple[dict[str, Any], torch.Tensor]:
+    ) -> tuple[dict[str, Any], DriftMap]:
         maps = result.maps
         if maps.requires_grad or maps.dtype is not torch.float32 or maps.device.type != "cpu":
             maps = maps.detach().float().cpu()
@@ -534,7 +528,7 @@ class LafamService:
             label=self.manifest.label,
             probabilities=probabilities,
         )
-        return explanation, maps[0]
+        return explanation, (maps, (0,))
 
     def _record(self, method: str, seconds: float, drift_map: DriftMap) -> None:
         """Record one served explanation: its time, its count, its map's drift statistics (the metrics thread).
@@ -547,10 +541,8 @@ class LafamService:
         if drift_map is None:
             return
         try:
-            if isinstance(drift_map, tuple):  # a batch's fused maps (N, 1, h, w), indexed here, off the request
-                maps, row = drift_map
-                drift_map = maps[row, 0]
-            statistics = map_statistics(drift_map)
+            maps, index = drift_map
+            statistics = map_statistics(maps[index])
         except Exception:
             logger.exception("drift statistics failed")
             return

@@ -16,7 +16,7 @@ below, and one test file.
 from __future__ import annotations
 
 from . import registry
-from .contract import ContractError, Endpoint, Explanation, Inputs, Method, Need, choose_classes
+from .contract import ContractError, Endpoint, Explanation, Inputs, Method, Need, choose_classes, once
 from .engines import Capabilities, Engines, capabilities
 
 # Registration order is the order of the ``method`` option's values.
@@ -33,5 +33,6 @@ __all__ = [
     "Need",
     "capabilities",
     "choose_classes",
+    "once",
     "registry",
 ]

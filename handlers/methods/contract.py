@@ -115,6 +115,13 @@ class Explanation:
             raise ContractError("an Explanation's pixels are the grey levels of one label-free map in [0, 1]")
 
 
+def once(memo: dict[Hashable, Any], key: Hashable, compute: Callable[[], T]) -> T:
+    """``memo[key]``, computed by ``compute()`` the first time: work shared by the images of one batch."""
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 @dataclass(frozen=True)
 class Inputs:
     """What a method gets for one image.
@@ -156,9 +163,7 @@ class Inputs:
 
         E.g. LaFAM reduces the batch's activations in one call, then each image takes its row.
         """
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
+        return once(self.memo, key, compute)
 
     def require_engines(self) -> Engines:
         """The engines; raises ``ValueError`` without an eager model (the options admit no such request)."""
