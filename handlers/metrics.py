@@ -24,6 +24,7 @@ Recording never fails a request: an error while recording is logged and swallowe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -152,6 +153,10 @@ def count(counter: Counter, amount: float = 1.0, **labels: str) -> None:
         logger.exception("could not record %s", counter)
 
 
+def _STOP() -> None:  # noqa: N802 - a sentinel, never called
+    """Handed to the metrics thread at exit: it ends there."""
+
+
 class _Later:
     """One background thread per process that runs what :func:`later` hands it, in order."""
 
@@ -166,15 +171,30 @@ class _Later:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="lafam-metrics-writer", daemon=True)
                     self._thread.start()
+                    atexit.register(self._stop)
         self._queue.put((function, args))
 
     def _run(self) -> None:
         while True:
             function, args = self._queue.get()
+            if function is _STOP:
+                return
             try:
                 function(*args)
             except Exception:  # recording never fails anything
                 logger.exception("deferred metrics recording failed")
+
+    def _stop(self, timeout: float = 5.0) -> None:
+        """At exit: run what is queued, then end the thread.
+
+        Before the interpreter (and torch's and ONNX Runtime's thread pools) is torn down under it: a daemon
+        thread caught inside a torch call then aborts the process ("terminate called without an active
+        exception").
+        """
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put((_STOP, ()))
+            thread.join(timeout)
 
     def settle(self, timeout: float) -> bool:
         if self._thread is None:

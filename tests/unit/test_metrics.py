@@ -442,3 +442,22 @@ def test_render_shows_what_was_handed_to_later() -> None:
     model = unique_model()
     metrics.later(lambda: metrics.count(metrics.EXPLANATIONS, model=model, method="lafam"))
     assert sample("lafam_explanations_total", model=model, method="lafam") == 1.0
+
+
+def test_what_is_handed_to_later_runs_before_the_process_exits() -> None:
+    """At exit the metrics thread runs its queue and ends before the interpreter is torn down under it (a daemon
+    thread caught inside a torch call aborted the process: "terminate called without an active exception")."""
+    code = textwrap.dedent(
+        """
+        import time
+        import torch
+        from handlers import metrics
+        metrics.later(lambda: (time.sleep(0.3), torch.ones(64, 64).double().sum(), print("recorded", flush=True)))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "recorded"
