@@ -5,13 +5,14 @@ computed, upsampled to the input size and PNG-encoded; ``none`` → no map). The
 (ABAB...) so that drift of a noisy machine hits both alike, and the figure reported is the median of
 the per-pair ratios. That difference of two ~50 ms calls cannot resolve a few tenths of a percent on a noisy
 2-core machine, so the map's cost is also measured directly inside the same calls: the time spent in the
-service's explanation step (taking the map, upsampling it and PNG-encoding it for each request) as a share
+service's explanation step (scaling the runtime's channel mean, upsampling it and PNG-encoding it for each
+request) as a share
 of the whole call, the median over the calls with the map ("direct" column). The explanation's metrics and drift
 statistics (on, as served by default) are recorded into prometheus-client's multiprocess files as in a worker,
-on the worker's metrics thread after the answer: timed apart ("after the answer" column). The map itself is computed
-by the runtime in the same pass (handlers.fused), for requests with and without the map alike: its cost is
-timed inside the pass (:func:`fused_share`, "in graph" column); LaFAM's overhead is the sum of the two ("total",
-the target's figure).
+on the worker's metrics thread after the answer: timed apart ("after the answer" column). The channel mean is
+computed by the runtime in the same pass (handlers.fused), for requests with and without the map alike: its
+cost is timed inside the pass (:func:`fused_seconds`; "in graph" column, as a share of the handler's latency);
+LaFAM's overhead is the sum of the two ("total", the target's figure).
 Run: ``python -m benchmarks.lafam_overhead [--write benchmarks/RESULTS.md]``.
 """
 
@@ -34,6 +35,7 @@ from PIL import Image
 
 from benchmarks._report import cpu_name, section, write_section
 from export.exporter import export_model
+from handlers import encode as encode_module
 from handlers import metrics
 from handlers.backends import load_backend, session_options
 from handlers.manifest import Manifest
@@ -142,44 +144,40 @@ def measure(service: LafamService, batch: int, pairs: int) -> dict[str, float]:
         del service._explanation, service._record  # the class's methods again
 
 
-def fused_share(folder: Path, batch: int, runs: int) -> float:
-    """The share of a forward pass spent computing the fused LaFAM outputs.
+def fused_seconds(folder: Path, batch: int, runs: int) -> float:
+    """Seconds of a forward pass spent computing the fused output (the channel mean, :mod:`handlers.fused`).
 
-    ONNX Runtime: its profiler's kernel times of the added nodes as a share of each run, an upper bound (the
-    profiler adds its own cost to every node; alternating one session's runs with and without fetching the
-    fused outputs swung from -6 % to +6 % here; two sessions of the graph, with and without the nodes, differ
-    by several percent from memory placement alone). TorchScript: the scripted map function, timed where the
-    backend calls it, as a share of the run. Medians over ``runs`` passes of one random batch of ``batch``.
+    ONNX Runtime: its profiler's kernel times of the added convolution and of the layout change of its output
+    (ONNX Runtime runs it in its blocked layout and reorders the one-channel result back), an upper bound (the
+    profiler adds its own cost to every node; alternating one session's runs with and without fetching the fused
+    outputs swung from -6 % to +6 % here; two sessions of the graph, with and without the node, differ by several
+    percent from memory placement alone). TorchScript: the mean, timed where the backend calls it. Medians over
+    ``runs`` passes of one random batch of ``batch``.
     """
     import handlers.backends as backends_module
-    from handlers.fused import lafam_scripted
+    from handlers.fused import MEAN_PREFIX, channel_mean
 
     manifest = Manifest.load(folder)
     tensor = torch.randn(batch, 3, *manifest.input_size, generator=torch.Generator().manual_seed(batch))
     activations = [spec.output for spec in manifest.layers]
     if manifest.backend == "torchscript":
         spent: list[float] = []
-        scripted = lafam_scripted()
 
-        def timed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def timed(values: torch.Tensor) -> torch.Tensor:
             start = time.perf_counter()
             try:
-                return scripted(values)
+                return channel_mean(values)
             finally:
                 spent.append(time.perf_counter() - start)
 
         backend = load_backend(manifest, folder, fuse_maps=True)
-        original = backends_module.lafam_scripted
-        backends_module.lafam_scripted = lambda: timed  # type: ignore[assignment]
+        backends_module.channel_mean = timed  # type: ignore[assignment]
         try:
-            shares = []
             for _ in range(runs):
-                before, start = sum(spent), time.perf_counter()
                 backend.run(tensor)
-                shares.append((sum(spent) - before) / (time.perf_counter() - start))
         finally:
-            backends_module.lafam_scripted = original
-        return statistics.median(shares)
+            backends_module.channel_mean = channel_mean
+        return statistics.median(spent)
     import onnx
     import onnxruntime as ort
 
@@ -187,7 +185,7 @@ def fused_share(folder: Path, batch: int, runs: int) -> float:
 
     model = onnx.load(str(Path(folder) / manifest.model_file))
     fused = fuse_onnx(model, {spec.output: spec.shape[0] for spec in manifest.layers})
-    fetches = [manifest.main_output, *activations, *(n for f in fused.values() for n in (f.map, f.pixels))]
+    fetches = [manifest.main_output, *activations, *fused.values()]
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options()  # as served, plus the profiler
         options.enable_profiling = True
@@ -198,10 +196,17 @@ def fused_share(folder: Path, batch: int, runs: int) -> float:
         events = json.loads(Path(session.end_profiling()).read_text())
     spans = [(e["ts"], e["dur"]) for e in events if e.get("name") == "model_run"]  # µs, one per run
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    added = [e for e in nodes if e["name"].startswith(("lafam__", "lafam:", "lafam_u8:"))]
+    added = [e for e in nodes if e["name"].startswith(MEAN_PREFIX) or _reorders_a_mean(e)]
     return statistics.median(
-        sum(e["dur"] for e in added if begin <= e["ts"] <= begin + length) / length for begin, length in spans
+        sum(e["dur"] for e in added if begin <= e["ts"] <= begin + length) * 1e-6 for begin, length in spans
     )
+
+
+def _reorders_a_mean(event: dict) -> bool:
+    """Whether a profiled node is ONNX Runtime's layout change of a fused mean (a one-channel ``ReorderOutput``)."""
+    shapes = event.get("args", {}).get("output_type_shape") or [{}]
+    shape = next(iter(shapes[0].values()), [])
+    return event.get("args", {}).get("op_name") == "ReorderOutput" and len(shape) == 4 and shape[1] == 1
 
 
 def lafam_only(service: LafamService, batch: int, repeats: int = 200) -> float:
@@ -237,7 +242,7 @@ def main() -> None:
             service = LafamService.from_folder(folder)
             for batch in (int(b) for b in args.batches.split(",")):
                 result = measure(service, batch, args.pairs)
-                in_graph = fused_share(folder, batch, args.pairs)
+                in_graph = fused_seconds(folder, batch, args.pairs) / result["with"]
                 reduce_ms = lafam_only(service, batch) * 1e3
                 total = result["direct"] + in_graph
                 rows.append(
@@ -250,15 +255,18 @@ def main() -> None:
     header = (
         f"## LaFAM overhead ({args.model}, random init, 224x224, JPEG 320x240 requests)\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-        f"no GPU. Median of {args.pairs} alternating pairs. The runtime computes the map and its 8-bit grey levels "
-        "in the same pass (handlers.fused), for every request. 'direct': the share of each call spent in the "
-        "explanation step (taking the map, nearest upsampling to 224x224 and PNG encoding), median over the calls "
+        f"no GPU. Median of {args.pairs} alternating pairs. The runtime computes the layer's channel mean in the "
+        "same pass (handlers.fused), for every request; the C writer (handlers/_png.c) scales it, upsamples it and "
+        f"writes the PNG in one call per image ({'built' if encode_module._native else 'NOT built: Python writer'}). "
+        "'direct': the share of each call spent in the "
+        "explanation step (taking the means, the scaling, nearest upsampling to 224x224 and PNG encoding), median "
+        "over the calls "
         "with the map; 'after the answer': the explanation's metrics and drift statistics (on by default), "
         "recorded into multiprocess files as in a worker on the worker's metrics thread once the request has its "
         "answer (handlers.metrics.later), median per map, not in the handler's latency; 'in graph': the cost of "
-        "computing the fused map outputs as a share of the "
-        "forward pass (ONNX Runtime: its profiler's times of the added nodes, an upper bound; TorchScript: the "
-        "scripted function timed in the run); "
+        "computing the fused channel mean inside the forward pass, as a share of the handler's latency with the "
+        "map (ONNX Runtime: its profiler's times of the added convolution and of its output's layout change, an "
+        "upper bound; TorchScript: the mean timed in the run); "
         "'total': direct + in graph, the overhead; 'paired': median per-pair ratio − 1 of whole calls with and "
         "without the map (noisy at this resolution); 'reduction' is the reference LaFAM reduction alone "
         "(handlers.explain.lafam).\n\n"

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from .fused import MAX_FUSED_BYTES, Fused, fuse_onnx, fused_outputs, lafam_scripted
+from .fused import MAX_FUSED_BYTES, channel_mean, fuse_onnx, fused_output
 from .manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ class Backend(Protocol):
 
     name: str
     device: torch.device
-    maps: dict[str, Fused]
-    """``{activation output: its fused outputs}`` for the activations whose LaFAM map the runtime computes
-    (:mod:`handlers.fused`); ``run`` returns those outputs too. Empty: none (the handler computes them)."""
+    maps: dict[str, str]
+    """``{activation output: its fused output}`` (the channel mean) for the activations whose LaFAM reduction the
+    runtime computes (:mod:`handlers.fused`); ``run`` returns those outputs too. Empty: none (the handler does)."""
 
     def run(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one batch ``(N, 3, H, W)`` float32 and return every graph output by name."""
@@ -57,7 +57,7 @@ class OnnxBackend:
     """ONNX Runtime session; CUDA execution provider on ``cuda:<id>`` when asked and available.
 
     Outputs come back as CPU tensors sharing memory with ONNX Runtime's numpy arrays (no copy). ``maps``: the
-    activation outputs (and their channels) whose LaFAM map is added to the graph in memory
+    activation outputs (and their channels) whose channel mean is added to the graph in memory
     (:func:`handlers.fused.fuse_onnx`); the graph file itself is not changed.
     """
 
@@ -83,7 +83,7 @@ class OnnxBackend:
                     "a GPU was assigned but onnxruntime has no CUDA provider: running on CPU "
                     "(install the 'gpu' extra, onnxruntime-gpu)"
                 )
-        self.maps: dict[str, Fused] = {}
+        self.maps: dict[str, str] = {}
         graph: str | bytes = str(model_path)
         if maps and Path(model_path).stat().st_size <= MAX_FUSED_BYTES:
             import onnx
@@ -92,7 +92,7 @@ class OnnxBackend:
             self.maps = fuse_onnx(model, maps)
             graph = model.SerializeToString()
         self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
-        self._outputs = [*output_names, *(name for fused in self.maps.values() for name in (fused.map, fused.pixels))]
+        self._outputs = [*output_names, *self.maps.values()]
         on_gpu = self._session.get_providers()[0] == "CUDAExecutionProvider"
         self.device = device if on_gpu else torch.device("cpu")
 
@@ -106,8 +106,8 @@ class OnnxBackend:
 class TorchScriptBackend:
     """A TorchScript module on the given device, run under ``torch.inference_mode``.
 
-    ``maps``: the activation outputs (and their channels) whose LaFAM map :func:`handlers.fused.lafam_map`
-    (scripted) computes right after the module, inside the same inference-mode call.
+    ``maps``: the activation outputs (and their channels) whose channel mean (:func:`handlers.fused.channel_mean`)
+    is computed right after the module, inside the same inference-mode call.
     """
 
     name = "torchscript"
@@ -120,7 +120,7 @@ class TorchScriptBackend:
         maps: Mapping[str, int] | None = None,
     ) -> None:
         self.device = device
-        self.maps = {source: fused_outputs(source) for source in maps or {}}
+        self.maps = {source: fused_output(source) for source in maps or {}}
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still ship it
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
             self._module = torch.jit.load(str(model_path), map_location=device).eval()
@@ -133,9 +133,8 @@ class TorchScriptBackend:
             if isinstance(results, torch.Tensor):
                 results = (results,)
             outputs = dict(zip(self._outputs, results, strict=True))
-            fuse = lafam_scripted()
-            for source, names in self.maps.items():
-                outputs[names.map], outputs[names.pixels] = fuse(outputs[source])
+            for source, name in self.maps.items():
+                outputs[name] = channel_mean(outputs[source])
         return outputs
 
 

@@ -23,10 +23,13 @@ forward pass every torch or numpy call runs from cold caches (about 0.6 ms for t
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+from .explain.lafam import lafam
 
 SMALL_MAP = 256
 """Largest ``h * w`` whose statistics :func:`map_statistics` computes in plain Python (:func:`grid_statistics`)."""
@@ -52,6 +55,25 @@ def map_statistics(native: torch.Tensor) -> MapStatistics | None:
     if h * w <= SMALL_MAP:
         return grid_statistics(native.detach().double().flatten().tolist(), h, w)
     return _tensor_statistics(native)
+
+
+def mean_statistics(means: torch.Tensor) -> MapStatistics | None:
+    """:func:`map_statistics` of the LaFAM map of one ``(h, w)`` channel mean (the runtime's fused output).
+
+    The map is the reference's (:func:`~handlers.explain.lafam.lafam`: non-finite values clamped, min-max in
+    float64, rounded to float32); for a grid of at most :data:`SMALL_MAP` locations in Python floats, float32
+    rounding included (an ``array("f")``), so the figures are those of the map the client got.
+    """
+    h, w = means.shape[-2:]
+    if h * w > SMALL_MAP:
+        return map_statistics(lafam(means.reshape(1, 1, h, w))[0])
+    limit = 3.4028234663852886e38  # float32 max, as the reference clamps
+    values = [0.0 if math.isnan(v) else min(max(v, -limit), limit) for v in means.detach().double().flatten().tolist()]
+    low = min(values)
+    span = max(values) - low
+    if not span > 0:
+        return None  # a constant map is all zeros: no positive evidence
+    return grid_statistics(array("f", [(v - low) / span for v in values]).tolist(), h, w)
 
 
 def grid_statistics(values: Sequence[float], height: int, width: int) -> MapStatistics | None:

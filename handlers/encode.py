@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import itertools
 import struct
 import zlib
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .explain.lafam import resize_maps
+from .explain.lafam import minmax_scale, resize_maps
 from .methods.contract import Explanation
 
 ARRAY_DECIMALS = 5
@@ -57,80 +56,24 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return _png(rows)
 
 
-STORED_MAX_BYTES = 4096
-"""The largest ``distinct rows x (W + 1)`` written by :class:`NearestPng` (rows stored, not compressed): a few KiB
-more per map buys a map that is written without running zlib. Larger maps go through :func:`png_nearest`."""
-_ADLER_BASE = 65521
+try:  # the C writer, built when the package is installed (setup.py); without it, the Python one below
+    from . import _png as _native
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None
 
 
-class NearestPng:
-    """The PNG writer of one nearest upsampling ``(h, w)`` → ``(H, W)``, prepared once per shape (:func:`nearest_png`).
-
-    A map is written right after the forward pass, when the pass has evicted the encoder's code and data from
-    the caches, and every library call then costs several times its warm time. So the per-map work is a few
-    byte operations and no compression: the first output row of each source row is written in full (filter
-    None) in a stored deflate block; the repeats that follow are rows of PNG's 'Up' filter, all zeros, whose
-    compressed deflate blocks are made here, once. zlib's Adler-32 runs over the written rows only; it is
-    continued over the precomputed runs arithmetically. The decoded pixels are exactly those of
-    :func:`upsample_pixels` (tested against Pillow's decoder).
-    """
-
-    def __init__(self, native: tuple[int, int], size: tuple[int, int]) -> None:
-        (self.h, self.w), (height, width) = native, size
-        sources = _nearest_indices(self.h, height)
-        columns = _nearest_indices(self.w, width)
-        # source column of each run of equal output columns, and the run's length
-        edges = np.flatnonzero(np.r_[True, columns[1:] != columns[:-1], True])
-        self.runs = [(int(columns[a]), int(b - a)) for a, b in itertools.pairwise(edges)]
-        counts = np.bincount(sources, minlength=self.h)
-        self.rows = [(int(row), int(count)) for row, count in enumerate(counts) if count]
-        line = width + 1
-        self.stored = b"\x00" + struct.pack("<HH", line, line ^ 0xFFFF)  # non-final stored block of one row
-        self.repeats: dict[int, tuple[bytes, int, int, int]] = {}
-        for _, count in self.rows:
-            if count > 1 and count - 1 not in self.repeats:
-                raw = (b"\x02" + bytes(width)) * (count - 1)  # Up-filtered repeats: filter byte 2, zero bytes
-                packer = zlib.compressobj(PNG_ZLIB_LEVEL, zlib.DEFLATED, -15)  # raw deflate, byte-aligned end
-                blocks = packer.compress(raw) + packer.flush(zlib.Z_FULL_FLUSH)
-                total, length = 2 * len(raw) // line, len(raw)  # sum of bytes: 2 per row
-                weighted = sum(2 * (length - offset) for offset in range(0, length, line))  # Σ (L - k) d_k
-                self.repeats[count - 1] = (blocks, total % _ADLER_BASE, length % _ADLER_BASE, weighted % _ADLER_BASE)
-        header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
-        self.head = PNG_SIGNATURE + _chunk(b"IHDR", header)
-        self.tail = _chunk(b"IEND", b"")
-
-    def encode(self, data: bytes) -> bytes:
-        """The PNG of ``h * w`` grey levels (bytes, row-major) upsampled to the prepared size."""
-        w = self.w
-        parts = [b"\x78\x01"]  # zlib header: deflate, 32 KiB window
-        adler = 1
-        for row, count in self.rows:
-            line = data[row * w : row * w + w]
-            written = b"\x00" + b"".join([line[column : column + 1] * n for column, n in self.runs])
-            parts += (self.stored, written)
-            adler = zlib.adler32(written, adler)
-            if count > 1:
-                blocks, total, length, weighted = self.repeats[count - 1]
-                low, high = adler & 0xFFFF, adler >> 16
-                adler = (((high + length * low + weighted) % _ADLER_BASE) << 16) | ((low + total) % _ADLER_BASE)
-                parts.append(blocks)
-        parts += (b"\x01\x00\x00\xff\xff", struct.pack(">I", adler))  # final empty stored block, Adler-32
-        return self.head + _chunk(b"IDAT", b"".join(parts)) + self.tail
-
-
-@functools.lru_cache(maxsize=64)
-def nearest_png(native: tuple[int, int], size: tuple[int, int]) -> NearestPng | None:
-    """The prepared writer of a ``native`` → ``size`` nearest map, or ``None`` past :data:`STORED_MAX_BYTES`."""
-    distinct = len(set(_nearest_indices(native[0], size[0]).tolist()))
-    return NearestPng(native, size) if distinct * (size[1] + 1) <= STORED_MAX_BYTES else None
+@functools.lru_cache(maxsize=256)
+def _run_lengths(native: int, target: int) -> bytes:
+    """How many of ``target`` nearest output pixels each of ``native`` source pixels gives (int32 bytes, in order)."""
+    return np.bincount(_nearest_indices(native, target), minlength=native).astype(np.int32).tobytes()
 
 
 def png_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
     """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size``, without building the upsampled image.
 
-    The same bytes as ``png_bytes(upsample_pixels(pixels, size))``: an output row that repeats the one above
-    is all zeros under the 'Up' filter, so only the first row of each source row is filled in. Small maps are
-    written faster, without compression, by :class:`NearestPng` (:func:`encode_nearest`).
+    The same pixels as ``png_bytes(upsample_pixels(pixels, size))``: an output row that repeats the one above
+    is all zeros under the 'Up' filter, so only the first row of each source row is filled in. The Python
+    writer behind :func:`encode_grey` when the C one is not built.
     """
     sources = _nearest_indices(pixels.shape[0], size[0])
     columns = _nearest_indices(pixels.shape[1], size[1])
@@ -146,16 +89,37 @@ def png_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
 
 
 def encode_nearest(pixels: np.ndarray, size: tuple[int, int]) -> bytes:
-    """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size``: :class:`NearestPng` or :func:`png_nearest`."""
+    """The PNG of ``(h, w)`` grey levels nearest-upsampled to ``size`` (:func:`encode_grey`)."""
     return encode_grey(pixels.tobytes(), (int(pixels.shape[0]), int(pixels.shape[1])), size)
 
 
 def encode_grey(data: bytes, native: tuple[int, int], size: tuple[int, int]) -> bytes:
-    """:func:`encode_nearest` of grey levels given as ``h * w`` bytes, row-major."""
-    writer = nearest_png(native, (int(size[0]), int(size[1])))
-    if writer is not None:
-        return writer.encode(data)
+    """The PNG of ``h * w`` grey levels (bytes, row-major) nearest-upsampled to ``size``.
+
+    Written by the C writer (``handlers/_png.c``: one deflate block of literals and back-references, O(h·w + H)
+    work, a few hundred bytes for a 7x7 map at 224x224) when it is built, else by :func:`png_nearest` (zlib).
+    Both give the same pixels.
+    """
+    if _native is not None:
+        return _native.png_from_grey(data, 0, _run_lengths(native[0], size[0]), _run_lengths(native[1], size[1]))
     return png_nearest(np.frombuffer(data, np.uint8).reshape(native), size)
+
+
+def lafam_png_base64(means: np.ndarray, index: int, native: tuple[int, int], size: tuple[int, int]) -> tuple[str, bool]:
+    """The served default from the runtime's channel means: the base64 PNG of one image's LaFAM map, and ``empty``.
+
+    ``means``: float32, C-contiguous, holding ``h * w`` values per image (``(N, 1, h, w)``); ``index``: the
+    image. The map is the reference's (:func:`~handlers.explain.lafam.minmax_scale` of the mean, then
+    :func:`to_pixels`), nearest-upsampled to ``size``. The C writer does all of it in one call (right after
+    the forward pass, each Python-level operation costs several times its warm time); without it, numpy and
+    :func:`encode_grey`.
+    """
+    (h, w), (height, width) = native, size
+    if _native is not None:
+        return _native.lafam_png_base64(means, index * h * w, _run_lengths(h, height), _run_lengths(w, width))
+    one = np.asarray(means, dtype=np.float32).reshape(-1, h, w)[index : index + 1]
+    pixels = to_pixels(minmax_scale(torch.from_numpy(one))[0])
+    return base64.b64encode(encode_grey(pixels.tobytes(), native, size)).decode("ascii"), not pixels.any()
 
 
 def png_base64(map_2d: torch.Tensor) -> str:
@@ -234,16 +198,6 @@ def map_data(
     return entry
 
 
-def grey_data(pixels: bytes, native: tuple[int, int], size: tuple[int, int]) -> dict[str, Any]:
-    """:func:`map_data` of a LaFAM map given as its grey levels (:attr:`~.methods.contract.Explanation.pixels`).
-
-    The PNG nearest-upsampled to ``size``. A min-max scaled map is all zeros or reaches 1 (level 255), so
-    ``empty``, "every level 0", is the same as "every value 0".
-    """
-    data = base64.b64encode(encode_grey(pixels, native, size)).decode("ascii")
-    return {"empty": pixels.count(0) == len(pixels), "data": data}
-
-
 def explanation_json(
     *,
     method: str,
@@ -309,10 +263,7 @@ def encode_explanation(
         body["scale"] = "signed"
     images: list[torch.Tensor | None] = list(resized) if resized is not None else [None] * len(maps)
     if result.classes is None:
-        if result.pixels is not None and fmt == "png" and images[0] is None:  # the runtime's grey levels
-            body.update(grey_data(result.pixels, native_size, size))
-        else:
-            body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
+        body.update(map_data(fmt, maps[0], images[0], signed=result.signed, size=size))
     else:
         body["classes"] = [
             {

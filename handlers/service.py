@@ -24,11 +24,11 @@ import torch
 
 from . import metrics
 from .backends import Backend, load_backend
-from .drift import map_statistics
+from .drift import map_statistics, mean_statistics
 from .eager import load_eager
-from .encode import encode_explanation, explanation_header, grey_data, predictions_json, to_pixels
+from .encode import encode_explanation, explanation_header, lafam_png_base64, predictions_json
 from .errors import EmptyBody, InvalidJSON, InvalidOption, ServeError, UnsupportedMediaType, to_response
-from .explain.lafam import lafam, resize_maps
+from .explain.lafam import resize_maps
 from .fused import agrees
 from .images import DecodedImage, open_image, to_tensor
 from .json_input import check_depth, parse_json
@@ -50,10 +50,10 @@ from .options import MAX_MAP_SIDE, RequestOptions, parse_options
 from .sizing import MAX_INPUT_PIXELS, input_size
 
 logger = logging.getLogger(__name__)
-DriftMap = tuple[torch.Tensor, tuple[int, ...]] | None
-"""The map of the drift statistics as maps and the index of the ``(h, w)`` one (indexed on the metrics thread,
-not on the request's path): a method's ``(K, h, w)`` maps and ``(0,)``, or a batch's fused maps ``(N, 1, h, w)``
-and ``(row, 0)``; ``None`` with the statistics off."""
+DriftMap = tuple[torch.Tensor, int, bool] | None
+"""The map of the drift statistics, taken on the metrics thread (not on the request's path): a method's
+``(K, h, w)`` maps, ``0`` and ``False`` (the first map), or a batch's fused channel means ``(N, 1, h, w)``, the
+row and ``True`` (that row's :func:`~handlers.explain.lafam.lafam` map); ``None`` with the statistics off."""
 
 BODY_KEYS = ("body", "data", "image", "file")
 JSON_KEYS = ("image", "options")
@@ -109,20 +109,28 @@ class _BatchOutputs:
 
     Attributes:
         activations: ``(N, C, h, w)`` per exported layer name.
-        maps: the runtime's fused LaFAM maps and grey levels, ``(N, 1, h, w)`` each, per layer name.
+        maps: the runtime's fused channel means, ``(N, 1, h, w)``, per layer name (:mod:`handlers.fused`).
         seen: the ``(H, W)`` the batch ran at.
         memo: work shared by the batch's images (:func:`~.methods.once`, as the methods' :meth:`Inputs.once`).
     """
 
     activations: dict[str, torch.Tensor]
-    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    maps: dict[str, torch.Tensor]
     seen: tuple[int, int]
     memo: dict[Hashable, Any] = field(default_factory=dict)
 
 
-def _grey_bytes(pixels: torch.Tensor) -> tuple[bytes, tuple[int, int]]:
-    """A batch's fused grey levels ``(N, 1, h, w)`` as bytes (row-major, image after image), and ``(h, w)``."""
-    return pixels.cpu().numpy().tobytes(), (int(pixels.shape[-2]), int(pixels.shape[-1]))
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a C-contiguous numpy array on the CPU.
+
+    One call for the runtimes' contiguous CPU outputs (the same memory as ONNX Runtime's own arrays): right after
+    the forward pass each further call costs microseconds.
+    """
+    try:
+        values = tensor.numpy()
+    except (TypeError, RuntimeError):  # on a GPU, or part of a graph
+        values = tensor.detach().cpu().numpy()
+    return np.ascontiguousarray(values)  # the same array when it already is (both runtimes' means are)
 
 
 def _payload(request: Request) -> tuple[bytes | bytearray, Mapping[str, Any] | None]:
@@ -302,7 +310,7 @@ class LafamService:
     def _check_fused(self) -> None:
         """Serve a fused map only if it matches :func:`~handlers.explain.lafam.lafam` on a random batch.
 
-        A layer whose runtime map differs (a runtime's reduction gone wrong) is logged and served by the
+        A layer whose runtime means differ (a runtime's reduction gone wrong) is logged and served by the
         reference instead: the map a client gets never depends on the runtime computing it.
         """
         if not self._fused:
@@ -310,13 +318,8 @@ class LafamService:
         probe = torch.randn(2, 3, *self.manifest.input_size, generator=torch.Generator().manual_seed(0))
         outputs = self.backend.run(probe)
         for layer in self.manifest.layers:
-            fused = self._fused.get(layer.name)
-            if fused is None:
-                continue
-            maps, pixels = outputs[fused.map][:, 0], outputs[fused.pixels][:, 0]  # (N, 1, h, w) → (N, h, w)
-            levels = torch.from_numpy(np.stack([to_pixels(one) for one in maps.cpu()])).int()
-            same_levels = pixels.shape == maps.shape and int((pixels.cpu().int() - levels).abs().max()) <= 1
-            if not (agrees(maps, lafam(outputs[layer.output])) and same_levels):
+            name = self._fused.get(layer.name)
+            if name is not None and not agrees(outputs[name], outputs[layer.output]):
                 logger.warning("the runtime's fused LaFAM map of %s differs from the reference: not used", layer.name)
                 del self._fused[layer.name]
 
@@ -395,7 +398,7 @@ class LafamService:
 
         batch_outputs = _BatchOutputs(
             activations={layer.name: outputs[layer.output] for layer in manifest.layers},
-            maps={layer: (outputs[names.map], outputs[names.pixels]) for layer, names in self._fused.items()},
+            maps={layer: outputs[name] for layer, name in self._fused.items()},
             seen=seen,
         )
         replies = []
@@ -447,26 +450,26 @@ class LafamService:
     def _fused_png(
         self, options: RequestOptions, row: int, batch: _BatchOutputs, original_size: tuple[int, int]
     ) -> tuple[dict[str, Any], DriftMap] | None:
-        """The LaFAM PNG straight from the grey levels the runtime computed, or ``None`` when not asked for that.
+        """The LaFAM PNG straight from the channel means the runtime computed, or ``None`` when not asked for that.
 
         The served default (LaFAM, PNG, nearest) on a layer whose map the runtime fused: the same object as
-        :meth:`_explain` gives, without building torch views of the map. Right after the forward pass every
-        torch call costs several times its warm time, and this path takes a few byte slices per image
-        instead (``benchmarks.lafam_overhead``). With it, the map for the drift statistics (:data:`DriftMap`).
+        :meth:`_explain` gives, written by one call of the C writer (:func:`~.encode.lafam_png_base64`). Right
+        after the forward pass every torch or numpy call costs several times its warm time, and this path makes
+        one per batch (``benchmarks.lafam_overhead``). With it, the map for the drift statistics (:data:`DriftMap`).
         """
         if options.method != LaFAM.name or options.format != "png" or options.upsample != "nearest":
             return None
-        fused = batch.maps.get(options.layer)
-        if fused is None:
+        means = batch.maps.get(options.layer)
+        if means is None:
             return None
-        grey, native = once(batch.memo, ("fused png", options.layer), lambda: _grey_bytes(fused[1]))
-        area = native[0] * native[1]
+        values = once(batch.memo, ("fused means", options.layer), lambda: _numpy(means))
+        native = (values.shape[-2], values.shape[-1])
         size = self._size(options, original_size, batch.seen)
+        data, empty = lafam_png_base64(values, row, native, size)
         header = explanation_header(
             method=options.method, layer=options.layer, fmt="png", native_size=native, size=size, upsample="nearest"
         )
-        explanation = {**header, **grey_data(grey[row * area : (row + 1) * area], native, size)}
-        return explanation, (fused[0], (row, 0))
+        return {**header, "empty": empty, "data": data}, (means, row, True)
 
     @staticmethod
     def _size(options: RequestOptions, original_size: tuple[int, int], seen: tuple[int, int]) -> tuple[int, int]:
@@ -528,7 +531,7 @@ class LafamService:
             label=self.manifest.label,
             probabilities=probabilities,
         )
-        return explanation, (maps, (0,))
+        return explanation, (maps, 0, False)
 
     def _record(self, method: str, seconds: float, drift_map: DriftMap) -> None:
         """Record one served explanation: its time, its count, its map's drift statistics (the metrics thread).
@@ -541,8 +544,8 @@ class LafamService:
         if drift_map is None:
             return
         try:
-            maps, index = drift_map
-            statistics = map_statistics(maps[index])
+            maps, index, means = drift_map
+            statistics = mean_statistics(maps[index, 0]) if means else map_statistics(maps[index])
         except Exception:
             logger.exception("drift statistics failed")
             return

@@ -84,13 +84,9 @@ class Explanation:
             maps already in [0, 1] (LaFAM).
         extras: method-specific keys added to the response's ``explanation`` object (e.g. a distribution's
             ``base``, ``temperature`` and ``tau``).
-        pixels: a label-free map in [0, 1] already as 8-bit grey levels (``h * w`` bytes, row-major,
-            ``round(255 * value)``), when the runtime computed them (:mod:`handlers.fused`); a PNG is then
-            written from them. ``None``: the map is quantised when encoded.
 
     Raises:
-        ContractError: ``maps`` is not a 3-D float tensor, or does not hold one map per class, or ``pixels``
-            do not fit the map.
+        ContractError: ``maps`` is not a 3-D float tensor, or does not hold one map per class.
     """
 
     maps: torch.Tensor
@@ -99,7 +95,6 @@ class Explanation:
     layer: str | None = None
     signed: bool = True
     extras: Mapping[str, Any] = field(default_factory=dict)
-    pixels: bytes | None = None
 
     def __post_init__(self) -> None:
         maps = self.maps
@@ -111,8 +106,6 @@ class Explanation:
             raise ContractError(
                 f"an Explanation needs one map per class ({expected} for classes={self.classes}), got {maps.shape[0]}"
             )
-        if self.pixels is not None and (self.signed or self.classes is not None or len(self.pixels) != maps.numel()):
-            raise ContractError("an Explanation's pixels are the grey levels of one label-free map in [0, 1]")
 
 
 def once(memo: dict[Hashable, Any], key: Hashable, compute: Callable[[], T]) -> T:
@@ -134,9 +127,8 @@ class Inputs:
             need :attr:`Need.CLASSES`; for competing methods every competitor, target first), else ``None``.
         batch_activations: the served graph's activations of the whole batch this image came in,
             ``(N, C, h, w)`` per exported layer name.
-        batch_maps: the LaFAM maps the runtime computed in the same pass, per exported layer name whose map
-            it fuses (:mod:`handlers.fused`): ``(maps, grey levels)``, ``(N, 1, h, w)`` float32 in [0, 1] and
-            the same as uint8; may be empty.
+        batch_maps: the channel means the runtime computed in the same pass, per exported layer name whose
+            LaFAM map it fuses (:mod:`handlers.fused`): ``(N, 1, h, w)`` float32; may be empty.
         row: this image's index in the batch.
         engines: what the backward methods share (eager model, LRP, Grad-CAM), or ``None`` without an
             eager model.
@@ -148,7 +140,7 @@ class Inputs:
     probabilities: torch.Tensor | None = None
     classes: tuple[int, ...] | None = None
     batch_activations: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    batch_maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    batch_maps: Mapping[str, torch.Tensor] = field(default_factory=dict)
     row: int = 0
     engines: Engines | None = None
     memo: dict[Hashable, Any] = field(default_factory=dict)

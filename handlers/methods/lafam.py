@@ -6,8 +6,6 @@ see :mod:`handlers.explain.lafam` for the formula and the paper.
 
 from __future__ import annotations
 
-import torch
-
 from ..explain.lafam import lafam
 from .contract import Endpoint, Explanation, Inputs, Method
 from .registry import register
@@ -30,24 +28,17 @@ class LaFAM(Method):
     def explain(self, inputs: Inputs) -> Explanation:
         """The map of the requested layer's activations, ``(1, h, w)`` in [0, 1].
 
-        Taken from the runtime, which computed the batch's maps and their grey levels in the same pass
-        (:mod:`handlers.fused`), when it did; else the whole batch's maps are computed here in one reduction,
-        once per batch and layer (:meth:`Inputs.once`).
+        From the channel means the runtime computed in the same pass (:mod:`handlers.fused`; ``(N, 1, h, w)``,
+        whose :func:`~handlers.explain.lafam.lafam` is the reference's scaling of those means), when it did;
+        else from the activations. The whole batch's maps are computed once per batch and layer
+        (:meth:`Inputs.once`).
         """
         layer, row = inputs.options.layer, inputs.row
-        fused = inputs.batch_maps.get(layer)
-        if fused is None:
-            maps = inputs.once((self.name, layer), lambda: lafam(inputs.batch_activations[layer]))
-            return Explanation(maps[row][None], layer=layer, signed=False)
-        maps, pixels = fused
-        grey = inputs.once((self.name, layer, "pixels"), lambda: _bytes(pixels))
-        size = maps.shape[-2] * maps.shape[-1]  # (N, 1, h, w): maps[row] is this image's (1, h, w)
-        return Explanation(maps[row], layer=layer, signed=False, pixels=grey[row * size : (row + 1) * size])
-
-
-def _bytes(pixels: torch.Tensor) -> bytes:
-    """The batch's grey levels as bytes, row-major (from the GPU when the runtime ran there)."""
-    return pixels.cpu().numpy().tobytes()
+        source = inputs.batch_maps.get(layer)
+        if source is None:
+            source = inputs.batch_activations[layer]
+        maps = inputs.once((self.name, layer), lambda: lafam(source))
+        return Explanation(maps[row][None], layer=layer, signed=False)
 
 
 register(LaFAM())

@@ -29,6 +29,7 @@ def test_archive_contents(archive: Path) -> None:
     assert {"handler.py", "model.pt", "lafam.json", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
     assert f"{RUNTIME_PACKAGE}/handler.py" in names
     assert f"{RUNTIME_PACKAGE}/explain/lafam.py" in names
+    assert any(name.startswith(f"{RUNTIME_PACKAGE}/_png.") and name.endswith(".so") for name in names)  # C writer
     assert not any("__pycache__" in name for name in names)
     with zipfile.ZipFile(archive) as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
@@ -70,8 +71,10 @@ def test_archive_serves_without_the_repository(archive: Path, tmp_path: Path) ->
         context = Context()
         service.initialize(context)
         body = json.loads(service.handle([{{"body": open({str(image)!r}, "rb").read()}}], context)[0])
+        writer = sys.modules["{RUNTIME_PACKAGE}.encode"]._native
         print(json.dumps({{"status": context.status[0], "body": body,
-                          "module": type(service).__mro__[1].__module__}}))
+                          "module": type(service).__mro__[1].__module__,
+                          "writer": getattr(writer, "__file__", None)}}))
         """
     )
     result = subprocess.run(
@@ -82,6 +85,7 @@ def test_archive_serves_without_the_repository(archive: Path, tmp_path: Path) ->
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["status"] == 200
     assert answer["module"] == f"{RUNTIME_PACKAGE}.handler"
+    assert answer["writer"].startswith(str(model_dir / RUNTIME_PACKAGE))  # the archive's own C writer
     assert len(answer["body"]["predictions"]) == 2  # the archive's model-config default
     assert answer["body"]["explanation"]["method"] == "lafam"
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from handlers import service
-from handlers.drift import SMALL_MAP, _tensor_statistics, grid_statistics, map_statistics
+from handlers.drift import SMALL_MAP, _tensor_statistics, grid_statistics, map_statistics, mean_statistics
+from handlers.explain.lafam import lafam
 from tests.unit.test_handler import png_item, serve
 from tests.unit.test_metrics import sample
 
@@ -74,6 +75,7 @@ def test_failing_drift_statistics_never_fail_the_request(
         raise RuntimeError("drift broke")
 
     monkeypatch.setattr(service, "map_statistics", broken)
+    monkeypatch.setattr(service, "mean_statistics", broken)  # the fused path's
     model = "tiny-classification"
     before = sample("lafam_map_entropy_ratio_count", model=model, method="lafam")
     with caplog.at_level(logging.ERROR, logger="handlers.service"):
@@ -117,3 +119,22 @@ def test_python_statistics_refuse_non_finite_totals() -> None:
     assert grid_statistics([1.0, float("inf")], 1, 2) is None
     assert grid_statistics([1.0, float("nan")], 1, 2) is None
     assert grid_statistics([-float("inf"), 1.0], 1, 2) == grid_statistics([0.0, 1.0], 1, 2)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (1, 3), (16, 16), (17, 16), (40, 30)])  # both sides of SMALL_MAP
+@pytest.mark.parametrize("content", ["random", "non_finite", "constant", "large"])
+def test_statistics_of_the_runtimes_means_are_those_of_their_lafam_map(shape: tuple[int, int], content: str) -> None:
+    means = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    if content == "non_finite":
+        means[0, 0], means[-1, -1], means[0, -1] = float("nan"), float("inf"), -float("inf")
+    elif content == "constant":
+        means.fill_(2.5)
+    elif content == "large":
+        means *= 3e38
+    expected = map_statistics(lafam(means[None, None])[0])
+    got = mean_statistics(means)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert got == pytest.approx(expected, abs=1e-12)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+import handlers.encode as encode_module
 from handlers.encode import (
     ARRAY_DECIMALS,
-    STORED_MAX_BYTES,
     encode_nearest,
     explanation_json,
+    lafam_png_base64,
     map_data,
-    nearest_png,
     png_base64,
     png_bytes,
     png_nearest,
@@ -27,7 +27,7 @@ from handlers.encode import (
     to_pixels,
     upsample_pixels,
 )
-from handlers.explain.lafam import resize_maps
+from handlers.explain.lafam import lafam, resize_maps
 
 
 def decode_png(data: str) -> Image.Image:
@@ -253,37 +253,107 @@ def idat(png: bytes) -> bytes:
 
 
 WRITTEN = [((7, 7), (224, 224)), ((14, 14), (224, 224)), ((7, 9), (200, 301)), ((14, 14), (5, 3)), ((1, 1), (4, 6)),
-           ((3, 3), (3, 3)), ((2, 2), (1, 1)), ((13, 11), (97, 1)), ((7, 7), (500, 500)),
-           ((5, 3), (17, 13))]  # fmt: skip
+           ((3, 3), (3, 3)), ((2, 2), (1, 1)), ((13, 11), (97, 1)), ((7, 7), (500, 500)), ((1, 1), (1, 1)),
+           ((5, 3), (17, 13)), ((2, 3), (4096, 2)), ((3, 2), (2, 4096)), ((56, 56), (224, 224))]  # fmt: skip
+CONTENTS = ["random", "zeros", "full"]
 
 
-@pytest.mark.parametrize(("native", "size"), WRITTEN)
-@pytest.mark.parametrize("content", ["random", "zeros", "full"])
-def test_nearest_png_writer_decodes_to_the_upsampled_pixels(
-    native: tuple[int, int], size: tuple[int, int], content: str
-) -> None:
-    pixels = {
+def grey(native: tuple[int, int], content: str) -> np.ndarray:
+    return {
         "random": np.random.default_rng(4).integers(0, 256, size=native, dtype=np.uint8),
         "zeros": np.zeros(native, np.uint8),
         "full": np.full(native, 255, np.uint8),
     }[content]
-    writer = nearest_png(native, size)
-    assert writer is not None  # all of these are small enough to be written without compression
-    png = writer.encode(pixels.tobytes())
-    assert encode_nearest(pixels, size) == png
-    raw = zlib.decompress(idat(png))  # checks the Adler-32 continued over the precomputed runs
+
+
+def decoded(png: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of a PNG, with its CRCs, its zlib stream (Adler-32 included) and its raw length checked."""
+    raw = zlib.decompress(idat(png))
     assert len(raw) == size[0] * (size[1] + 1)
     image = decode_png(base64.b64encode(png).decode())
     assert image.mode == "L"
-    np.testing.assert_array_equal(np.asarray(image), upsample_pixels(pixels, size))
-    np.testing.assert_array_equal(
-        np.asarray(image), np.asarray(decode_png(base64.b64encode(png_nearest(pixels, size)).decode()))
-    )
+    return np.asarray(image)
 
 
-def test_large_nearest_maps_are_compressed_by_png_nearest() -> None:
-    pixels = np.random.default_rng(5).integers(0, 256, size=(56, 56), dtype=np.uint8)
-    assert nearest_png((56, 56), (224, 224)) is None  # 56 rows x 225 bytes: over STORED_MAX_BYTES
-    assert encode_nearest(pixels, (224, 224)) == png_nearest(pixels, (224, 224))
-    assert nearest_png((7, 7), (224, 224)) is nearest_png((7, 7), (224, 224))  # prepared once per shape
-    assert 7 * 225 <= STORED_MAX_BYTES < 56 * 225
+def test_the_c_writer_is_built() -> None:
+    assert encode_module._native is not None, "handlers/_png.c is not built: pip install -e . (needs a C compiler)"
+
+
+@pytest.mark.parametrize(("native", "size"), WRITTEN)
+@pytest.mark.parametrize("content", CONTENTS)
+def test_c_writer_decodes_to_the_upsampled_pixels(native: tuple[int, int], size: tuple[int, int], content: str) -> None:
+    pixels = grey(native, content)
+    png = encode_nearest(pixels, size)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    np.testing.assert_array_equal(decoded(png, size), upsample_pixels(pixels, size))
+    np.testing.assert_array_equal(decoded(png_nearest(pixels, size), size), upsample_pixels(pixels, size))
+
+
+@pytest.mark.parametrize(("native", "size"), WRITTEN)
+def test_the_python_writer_gives_the_same_pixels(
+    native: tuple[int, int], size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels = grey(native, "random")
+    written = encode_nearest(pixels, size)
+    monkeypatch.setattr(encode_module, "_native", None)
+    fallback = encode_nearest(pixels, size)
+    assert fallback == png_nearest(pixels, size)
+    np.testing.assert_array_equal(decoded(fallback, size), decoded(written, size))
+
+
+def test_a_small_nearest_map_is_a_small_png() -> None:
+    pixels = grey((7, 7), "random")
+    png = encode_nearest(pixels, (224, 224))
+    assert len(png) < 1000  # literals and back-references (at most 258 bytes each) for 50 KB of raw pixels
+
+
+MEANS = {
+    "random": lambda: torch.randn(3, 1, 7, 9, generator=torch.Generator().manual_seed(3)),
+    "constant": lambda: torch.full((2, 1, 5, 5), 3.0),
+    "large": lambda: torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(4)) * 3e38,
+    "tiny_span": lambda: 1.0 + torch.arange(16.0).view(1, 1, 4, 4) * 1e-7,
+    "non_finite": lambda: torch.tensor([[[[float("nan"), 1.0], [float("inf"), -float("inf")]]]]),
+    "half_levels": lambda: torch.tensor([[[[0.0, 0.5, 1.0, 0.25, 1 / 255, 0.75, 2.0, 127.5 / 255]]]]),
+}
+
+
+@pytest.mark.parametrize("kind", list(MEANS))
+@pytest.mark.parametrize("size", [(224, 224), (3, 5), (31, 17)])
+@pytest.mark.parametrize("writer", ["c", "python"])
+def test_lafam_png_from_means_is_the_reference_map(
+    kind: str, size: tuple[int, int], writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served default's writer (:func:`lafam_png_base64`) gives the PNG of the reference's map of the means:
+    lafam (non-finite values clamped, min-max in float64, a constant map zeros), to_pixels, nearest upsampling."""
+    if writer == "python":
+        monkeypatch.setattr(encode_module, "_native", None)
+    means = MEANS[kind]()
+    native = (means.shape[-2], means.shape[-1])
+    array = means.numpy()
+    for row in range(len(means)):
+        reference = to_pixels(lafam(means[row : row + 1])[0])
+        data, empty = lafam_png_base64(array, row, native, size)
+        assert isinstance(data, str)
+        assert empty == (not reference.any())
+        png = base64.b64decode(data, validate=True)
+        np.testing.assert_array_equal(decoded(png, size), upsample_pixels(reference, size))
+        assert data == base64.b64encode(encode_nearest(reference, size)).decode("ascii")  # as the general path
+
+
+def test_the_c_writer_refuses_bad_arguments() -> None:
+    native = encode_module._native
+    assert native is not None
+    runs = np.array([2, 2], np.int32).tobytes()
+    values = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="run lengths"):
+        native.lafam_png_base64(values, 1, runs, runs)  # rows 2x2 from item 1: past the end
+    with pytest.raises(ValueError, match="run lengths"):
+        native.png_from_grey(bytes(4), 0, runs[:6], runs)  # not int32
+    with pytest.raises(ValueError, match="negative"):
+        native.png_from_grey(bytes(4), 0, np.array([-1, 2], np.int32).tobytes(), runs)
+    with pytest.raises(ValueError, match="at least 1x1"):
+        native.png_from_grey(bytes(4), 0, np.zeros(2, np.int32).tobytes(), runs)
+    with pytest.raises(TypeError):
+        native.png_from_grey("text", 0, runs, runs)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        native.lafam_png_base64(np.zeros((4, 4), np.float32)[:, ::2], 0, runs, runs)

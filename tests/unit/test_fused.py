@@ -1,4 +1,4 @@
-"""LaFAM fused into the runtime (handlers.fused): the ONNX nodes and the TorchScript function against the reference."""
+"""LaFAM fused into the runtime (handlers.fused): the ONNX node's and torch's channel means against the reference."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
+import handlers.encode as encode_module
 import handlers.service as service_module
-from handlers.encode import to_pixels
 from handlers.explain.lafam import lafam
-from handlers.fused import Fused, agrees, fuse_onnx, fused_outputs, lafam_map, lafam_scripted
+from handlers.fused import agrees, channel_mean, fuse_onnx, fused_output
 from handlers.methods import registry
 from handlers.methods.contract import Inputs
 from handlers.options import parse_options
@@ -60,61 +60,62 @@ def activations(kind: str) -> torch.Tensor:
 KINDS = ["random", "constant", "one_image_constant", "large", "non_finite"]
 
 
-def assert_matches_reference(maps: torch.Tensor, pixels: torch.Tensor, values: torch.Tensor) -> None:
-    assert maps.shape == pixels.shape == (values.shape[0], 1, *values.shape[2:])
-    maps, pixels = maps[:, 0], pixels[:, 0]
+def assert_matches_reference(means: torch.Tensor, values: torch.Tensor) -> None:
+    assert means.shape == (values.shape[0], 1, *values.shape[2:])
+    assert means.dtype == torch.float32
+    assert agrees(means, values)
     reference = lafam(values)
-    assert agrees(maps, reference), float((maps - reference).abs().max())
-    assert pixels.dtype == torch.uint8
-    expected = np.stack([to_pixels(one) for one in maps])
-    np.testing.assert_array_equal(pixels.numpy(), expected)  # to_pixels of the fused map, exactly
+    assert float((lafam(means) - reference).abs().max()) <= 1e-5  # the reference's scaling of the runtime's means
 
 
-@pytest.mark.parametrize("opset", [17, 18])  # reduction axes: an attribute before 18, an input from 18
+@pytest.mark.parametrize("opset", [17, 18])
 @pytest.mark.parametrize("kind", KINDS)
-def test_onnx_nodes_compute_lafam(opset: int, kind: str) -> None:
+def test_onnx_node_computes_the_channel_mean(opset: int, kind: str) -> None:
     model = identity_graph(opset)
     fused = fuse_onnx(model, {"act": activations(kind).shape[1]})
-    assert fused == {"act": fused_outputs("act")} == {"act": Fused("lafam:act", "lafam_u8:act")}
+    assert fused == {"act": fused_output("act")} == {"act": "lafam_mean:act"}
     onnx.checker.check_model(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     values = activations(kind)
-    maps, pixels = session.run([fused["act"].map, fused["act"].pixels], {"x": values.numpy()})
-    assert_matches_reference(torch.from_numpy(maps), torch.from_numpy(pixels), values)
+    (means,) = session.run([fused["act"]], {"x": values.numpy()})
+    assert_matches_reference(torch.from_numpy(means), values)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_function_computes_lafam_eager_and_scripted(kind: str) -> None:
+def test_torch_channel_mean_matches_the_reference(kind: str) -> None:
     values = activations(kind)
-    assert_matches_reference(*lafam_map(values), values)
-    assert_matches_reference(*lafam_scripted()(values), values)
-    assert lafam_scripted() is lafam_scripted()  # compiled once
+    assert_matches_reference(channel_mean(values), values)
 
 
 def test_agrees_is_strict_on_shape_and_values() -> None:
-    maps = torch.rand(2, 3, 3)
-    assert agrees(maps, maps + 5e-5)
-    assert not agrees(maps, maps + 1e-3)
-    assert not agrees(maps, maps[:1])
+    values = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    means = channel_mean(values)
+    assert agrees(means, values)
+    moved = means.clone()
+    moved[0, 0, 1, 1] += 0.05 * float(means[0].max() - means[0].min())  # 5 % of the span: far over 1e-4
+    assert not agrees(moved, values)
+    assert not agrees(means[:1], values)
+    assert not agrees(means[:, :, :2], values)
+    assert not agrees(means[:, 0], values)
 
 
-def test_two_activations_get_two_maps() -> None:
+def test_two_activations_get_two_means() -> None:
     model = identity_graph(18)
     model.graph.node.append(helper.make_node("Relu", ["x"], ["act2"]))
     model.graph.output.append(helper.make_tensor_value_info("act2", TensorProto.FLOAT, None))
     fused = fuse_onnx(model, {"act": 16, "act2": 16})
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     values = activations("random")
-    first, second = session.run([fused["act"].map, fused["act2"].map], {"x": values.numpy()})
-    assert agrees(torch.from_numpy(first)[:, 0], lafam(values))
-    assert agrees(torch.from_numpy(second)[:, 0], lafam(values.relu()))
+    first, second = session.run([fused["act"], fused["act2"]], {"x": values.numpy()})
+    assert agrees(torch.from_numpy(first), values)
+    assert agrees(torch.from_numpy(second), values.relu())
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx"])
 def test_service_serves_the_fused_map_with_the_reference_pixels(tmp_path: Path, backend: str) -> None:
     write_export(tmp_path, backend=backend)
     service = LafamService.from_folder(tmp_path)
-    assert service._fused == {layer.name: fused_outputs(layer.output) for layer in service.manifest.layers}
+    assert service._fused == {layer.name: fused_output(layer.output) for layer in service.manifest.layers}
     requests = [
         Request(parameters={"body": image_bytes()}, headers={"x-lafam-format": f}, content_types={})
         for f in ("png", "array")
@@ -137,7 +138,7 @@ def test_service_drops_a_fused_map_that_disagrees(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_export(tmp_path, backend="onnx")
-    monkeypatch.setattr(service_module, "agrees", lambda fused, reference: False)
+    monkeypatch.setattr(service_module, "agrees", lambda means, activations: False)
     with caplog.at_level(logging.WARNING, logger="handlers.service"):
         service = LafamService.from_folder(tmp_path)
     assert service._fused == {}
@@ -147,27 +148,32 @@ def test_service_drops_a_fused_map_that_disagrees(
     assert not reply.body["explanation"]["empty"]
 
 
-def test_lafam_method_serves_the_fused_map_and_its_grey_levels(tmp_path: Path) -> None:
+def test_lafam_method_scales_the_runtimes_means(tmp_path: Path) -> None:
     options = parse_options(write_export(tmp_path))
     values = torch.randn(2, 8, 8, 10, generator=torch.Generator().manual_seed(1))
-    maps, pixels = lafam_map(values)
+    means = channel_mean(values)
     method = registry.get("lafam")
     for row in (0, 1):
-        inputs = Inputs(torch.zeros(3, 8, 8), options, batch_maps={options.layer: (maps, pixels)}, row=row)
+        inputs = Inputs(torch.zeros(3, 8, 8), options, batch_maps={options.layer: means}, row=row)
         result = method.explain(inputs)
-        torch.testing.assert_close(result.maps, maps[row])
-        assert result.pixels == pixels[row].numpy().tobytes()
+        torch.testing.assert_close(result.maps, lafam(means)[row][None])
+        torch.testing.assert_close(result.maps, lafam(values)[row][None], atol=1e-5, rtol=0)
     without = method.explain(Inputs(torch.zeros(3, 8, 8), options, batch_activations={options.layer: values}))
     torch.testing.assert_close(without.maps, lafam(values)[:1])  # the reference when the runtime fused nothing
-    assert without.pixels is None
 
 
+@pytest.mark.parametrize("writer", ["c", "python"])
 @pytest.mark.parametrize("backend", ["torchscript", "onnx"])
 def test_fused_png_path_gives_the_general_paths_answer(
-    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, backend: str, writer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The served default (LaFAM, PNG, nearest) straight from the runtime's grey levels equals what the method
-    registry and the encoder give for the same batch: every size option, every row, and the same drift values."""
+    """The served default (LaFAM, PNG, nearest) straight from the runtime's means equals what the method
+    registry and the encoder give for the same batch: every size option, every row, and the same drift values;
+    with the C writer and with the Python one."""
+    if writer == "python":
+        monkeypatch.setattr(encode_module, "_native", None)
+    else:
+        assert encode_module._native is not None, "the C writer (handlers/_png.c) is not built: pip install -e ."
     write_export(tmp_path, backend=backend)
     service = LafamService.from_folder(tmp_path)
     headers = [{}, {"x-lafam-size": "original"}, {"x-lafam-size": "33x45"}, {"x-lafam-size": "input"}]
