@@ -271,36 +271,51 @@ static int grey_levels(const float *mean, Py_ssize_t count, uint8_t *grey) {
     return empty;
 }
 
-/* Parse (data, offset, rows, columns): the map's h x w values start at item `offset` of `data`. */
+/* Parse (data, offset, rows, columns): the map's h x w items start at item `offset` of `data`, which holds
+ * float32 values (`floats`) or bytes. On failure, a Python exception is set and no buffer is held. */
 static int parse(PyObject *args, Py_buffer *data, Py_ssize_t *offset, Py_buffer *rows, Py_buffer *columns,
-                 Py_ssize_t itemsize) {
-    if (!PyArg_ParseTuple(args, "y*ny*y*", data, offset, rows, columns)) return 0;
-    Py_ssize_t h = rows->len / 4, w = columns->len / 4;
+                 int floats) {
+    PyObject *source, *row_runs, *column_runs;
+    if (!PyArg_ParseTuple(args, "OnOO", &source, offset, &row_runs, &column_runs)) return 0;
+    if (PyObject_GetBuffer(source, data, PyBUF_C_CONTIGUOUS | (floats ? PyBUF_FORMAT : 0)) < 0) return 0;
+    if (floats && (data->format == NULL || data->itemsize != 4 ||
+                   (strcmp(data->format, "f") && strcmp(data->format, "<f") && strcmp(data->format, "=f")))) {
+        PyErr_SetString(PyExc_TypeError, "png: the channel means must be float32");
+        PyBuffer_Release(data);
+        return 0;
+    }
+    if (PyObject_GetBuffer(row_runs, rows, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(data);
+        return 0;
+    }
+    if (PyObject_GetBuffer(column_runs, columns, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(data);
+        PyBuffer_Release(rows);
+        return 0;
+    }
+    Py_ssize_t h = rows->len / 4, w = columns->len / 4, itemsize = floats ? 4 : 1;
+    const char *problem = NULL;
     if (rows->len % 4 || columns->len % 4 || h == 0 || w == 0 || *offset < 0 ||
-        (data->len / itemsize - *offset) / w < h) {
-        PyErr_SetString(PyExc_ValueError, "png: rows/columns must be int32 run lengths within the data");
+        (data->len / itemsize - *offset) / w < h)
+        problem = "png: rows/columns must be int32 run lengths within the data";
+    for (Py_ssize_t i = 0; problem == NULL && i < h; i++)
+        if (((const int32_t *)rows->buf)[i] < 0) problem = "png: run lengths must not be negative";
+    for (Py_ssize_t i = 0; problem == NULL && i < w; i++)
+        if (((const int32_t *)columns->buf)[i] < 0) problem = "png: run lengths must not be negative";
+    if (problem != NULL) {
+        PyErr_SetString(PyExc_ValueError, problem);
         PyBuffer_Release(data);
         PyBuffer_Release(rows);
         PyBuffer_Release(columns);
         return 0;
     }
-    for (Py_ssize_t i = 0; i < h; i++)
-        if (((const int32_t *)rows->buf)[i] < 0) goto negative;
-    for (Py_ssize_t i = 0; i < w; i++)
-        if (((const int32_t *)columns->buf)[i] < 0) goto negative;
     return 1;
-negative:
-    PyErr_SetString(PyExc_ValueError, "png: run lengths must not be negative");
-    PyBuffer_Release(data);
-    PyBuffer_Release(rows);
-    PyBuffer_Release(columns);
-    return 0;
 }
 
 static PyObject *png_from_grey(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data, rows, columns;
     Py_ssize_t offset;
-    if (!parse(args, &data, &offset, &rows, &columns, 1)) return NULL;
+    if (!parse(args, &data, &offset, &rows, &columns, 0)) return NULL;
     size_t length = 0;
     uint8_t *png = write_png((const uint8_t *)data.buf + offset, rows.len / 4, columns.len / 4,
                              (const int32_t *)rows.buf, (const int32_t *)columns.buf, &length);
@@ -318,7 +333,7 @@ static const char BASE64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 static PyObject *lafam_png_base64(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data, rows, columns;
     Py_ssize_t offset;
-    if (!parse(args, &data, &offset, &rows, &columns, 4)) return NULL;
+    if (!parse(args, &data, &offset, &rows, &columns, 1)) return NULL;
     Py_ssize_t h = rows.len / 4, w = columns.len / 4;
     uint8_t *grey = malloc((size_t)(h * w));
     if (grey == NULL) {

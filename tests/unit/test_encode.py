@@ -254,7 +254,8 @@ def idat(png: bytes) -> bytes:
 
 WRITTEN = [((7, 7), (224, 224)), ((14, 14), (224, 224)), ((7, 9), (200, 301)), ((14, 14), (5, 3)), ((1, 1), (4, 6)),
            ((3, 3), (3, 3)), ((2, 2), (1, 1)), ((13, 11), (97, 1)), ((7, 7), (500, 500)), ((1, 1), (1, 1)),
-           ((5, 3), (17, 13)), ((2, 3), (4096, 2)), ((3, 2), (2, 4096)), ((56, 56), (224, 224))]  # fmt: skip
+           ((5, 3), (17, 13)), ((2, 3), (4096, 2)), ((3, 2), (2, 4096)), ((56, 56), (224, 224)),
+           ((5, 1), (20, 1)), ((1, 1), (3, 1)), ((300, 2), (3, 2))]  # fmt: skip
 CONTENTS = ["random", "zeros", "full"]
 
 
@@ -355,5 +356,9 @@ def test_the_c_writer_refuses_bad_arguments() -> None:
         native.png_from_grey(bytes(4), 0, np.zeros(2, np.int32).tobytes(), runs)
     with pytest.raises(TypeError):
         native.png_from_grey("text", 0, runs, runs)
+    with pytest.raises(TypeError, match="float32"):
+        native.lafam_png_base64(np.zeros(4, np.float64), 0, runs, runs)  # read as float32 it would be another map
+    with pytest.raises(TypeError, match="float32"):
+        native.lafam_png_base64(bytes(16), 0, runs, runs)
     with pytest.raises(ValueError, match="C-contiguous"):
         native.lafam_png_base64(np.zeros((4, 4), np.float32)[:, ::2], 0, runs, runs)
