@@ -12,7 +12,7 @@
  * as one literal and a distance-1 copy per column run; each repeat (filter Up: a 2 then zeros) copied from
  * the row above. Adler-32 is summed run by run. The work is O(h * w + H), not O(H * W), and a 7x7 map at
  * 224x224 is a PNG of a few hundred bytes. The Python fallback (handlers.encode) gives the same pixels;
- * tests/unit/test_png_native.py holds the two equal through Pillow's decoder.
+ * tests/unit/test_encode.py holds both to the reference through Pillow's decoder.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

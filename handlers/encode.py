@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .explain.lafam import minmax_scale, resize_maps
+from .explain.lafam import lafam, resize_maps
 from .methods.contract import Explanation
 
 ARRAY_DECIMALS = 5
@@ -109,7 +109,7 @@ def lafam_png_base64(means: np.ndarray, index: int, native: tuple[int, int], siz
     """The served default from the runtime's channel means: the base64 PNG of one image's LaFAM map, and ``empty``.
 
     ``means``: float32, C-contiguous, holding ``h * w`` values per image (``(N, 1, h, w)``); ``index``: the
-    image. The map is the reference's (:func:`~handlers.explain.lafam.minmax_scale` of the mean, then
+    image. The map is the reference's (:func:`~handlers.explain.lafam.lafam` of the mean, then
     :func:`to_pixels`), nearest-upsampled to ``size``. The C writer does all of it in one call (right after
     the forward pass, each Python-level operation costs several times its warm time); without it, numpy and
     :func:`encode_grey`.
@@ -117,8 +117,8 @@ def lafam_png_base64(means: np.ndarray, index: int, native: tuple[int, int], siz
     (h, w), (height, width) = native, size
     if _native is not None:
         return _native.lafam_png_base64(means, index * h * w, _run_lengths(h, height), _run_lengths(w, width))
-    one = np.asarray(means, dtype=np.float32).reshape(-1, h, w)[index : index + 1]
-    pixels = to_pixels(minmax_scale(torch.from_numpy(one))[0])
+    one = np.asarray(means, dtype=np.float32).reshape(-1, 1, h, w)[index : index + 1]
+    pixels = to_pixels(lafam(torch.from_numpy(one))[0])
     return base64.b64encode(encode_grey(pixels.tobytes(), native, size)).decode("ascii"), not pixels.any()
 
 

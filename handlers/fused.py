@@ -9,7 +9,8 @@ The rest (the reference's min-max scaling, the 8-bit grey levels, nearest upsamp
 image by the C writer (:func:`handlers.encode.lafam_png_base64`) in one call. It used to be a dozen more graph
 nodes: on 49 values each of them costs 4 to 20 µs of dispatch and cold kernel code right after the forward
 pass, more than the writer's whole call (``benchmarks.lafam_overhead``). The general path scales the means
-with the reference's own :func:`~handlers.explain.lafam.minmax_scale`. The service checks the runtime's means
+with the reference itself (:func:`~handlers.explain.lafam.lafam` of ``(N, 1, h, w)`` means is their min-max
+scaling). The service checks the runtime's means
 against :func:`~handlers.explain.lafam.lafam` when it loads (:func:`agrees`) and serves the reference instead
 when they differ.
 """
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .explain.lafam import lafam, minmax_scale
+from .explain.lafam import lafam
 
 MEAN_PREFIX = "lafam_mean:"
 AGREEMENT = 1e-4
@@ -69,11 +70,13 @@ def channel_mean(activations: torch.Tensor) -> torch.Tensor:
 def agrees(means: torch.Tensor, activations: torch.Tensor) -> bool:
     """Whether the runtime's means give the reference's maps.
 
-    The maps of the ``(N, 1, h, w)`` means (:func:`~handlers.explain.lafam.minmax_scale`) must match
-    :func:`~handlers.explain.lafam.lafam` of the ``(N, C, h, w)`` activations within :data:`AGREEMENT`.
+    :func:`~handlers.explain.lafam.lafam` of the ``(N, 1, h, w)`` means (their min-max scaling, as the served
+    paths compute it) must match it of the ``(N, C, h, w)`` activations within :data:`AGREEMENT`.
     """
-    reference = lafam(activations).cpu()
-    if means.dim() != 4 or means.shape[1] != 1 or means.shape[:1] + means.shape[2:] != reference.shape:
+    if (
+        means.dim() != 4
+        or means.shape[1] != 1
+        or means.shape[:1] + means.shape[2:] != activations.shape[:1] + activations.shape[2:]
+    ):
         return False
-    maps = minmax_scale(means[:, 0].detach().float().cpu())
-    return bool((maps - reference).abs().max() <= AGREEMENT)
+    return bool((lafam(means.detach()).cpu() - lafam(activations).cpu()).abs().max() <= AGREEMENT)
